@@ -1,0 +1,54 @@
+# ptm — the two set-up commands are `make demo` and `make test`; each installs what it needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+EXTRAS := operator,serve,convert,dev
+PYTEST_ARGS ?=
+
+.PHONY: help venv cluster-bins cluster-up cluster-down cluster-status crd lint test test-unit demo demo-down clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP) ## create .venv with every extra (torch included; reused when pyproject.toml is unchanged)
+
+cluster-bins: ## build etcd, kube-apiserver, controller-manager, scheduler, kubectl, kwok (cached)
+	dev/k8s/build.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok
+
+cluster-up: venv cluster-bins ## start the local cluster on 127.0.0.1 (no-op when up)
+	$(PY) -m ptm_operator.devcluster up
+
+cluster-down: venv ## stop the local cluster (exactly the PIDs it started)
+	$(PY) -m ptm_operator.devcluster down
+
+cluster-status: venv ## show the local cluster's components
+	$(PY) -m ptm_operator.devcluster status
+
+lint: venv ## ruff + mypy --strict on both packages
+	$(VENV)/bin/ruff check operator runtime_image tests bench
+	$(VENV)/bin/ruff format --check operator runtime_image tests bench
+	$(VENV)/bin/mypy
+
+test: venv cluster-bins lint ## lint, then every test (starts the cluster itself)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-unit: venv ## the fast tests that need no cluster
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+demo: venv cluster-bins ## start the cluster, install the CRD, run the operator, apply an example
+	$(PY) -m ptm_operator.demo
+
+demo-down: cluster-down ## stop what `make demo` started
+
+clean: ## remove the venv and caches (the cluster binary cache in ~/.cache/ptm stays)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,34 @@
+"""The `ptm` command: one entry point whose subcommands live beside the code they run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _devcluster(argv: Sequence[str]) -> int:
+    from ptm_operator.devcluster.__main__ import main as devcluster_main
+
+    return devcluster_main(list(argv))
+
+
+COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
+    "devcluster": ("start/stop the local test cluster", _devcluster),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="ptm", description="ptm: pretrained models on Kubernetes")
+    parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(
+        f"{name}: {help_}" for name, (help_, _) in sorted(COMMANDS.items())))
+    if not args or args[0] in {"-h", "--help"}:
+        parser.print_help()
+        return 0 if args else 2
+    ns, rest = parser.parse_known_args(args[:1])
+    return COMMANDS[ns.command][1](rest + args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
