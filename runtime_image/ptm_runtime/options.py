@@ -125,6 +125,7 @@ class SourceOptions(Options):
             (
                 "self.format != 'pytorch-state-dict' || has(self.architecture)",
                 "architecture is required when format is pytorch-state-dict",
+                ".architecture",
             ),
         )
     )
@@ -216,6 +217,7 @@ class QuantizationOptions(Options):
             (
                 "self.mode != 'static' || has(self.calibration)",
                 "static quantization needs calibration data (quantization.calibration.uri)",
+                ".calibration",
             ),
         )
     )
@@ -262,6 +264,7 @@ class OptimizationOptions(Options):
             (
                 "!self.precision.exists(p, p == 'int8-static') || self.quantization.mode == 'static'",
                 "precision int8-static needs quantization.mode static (with calibration data)",
+                ".precision",
             ),
         )
     )
@@ -338,6 +341,9 @@ class RuntimeOptions(Options):
     """ONNX Runtime intra-op threads (0: one per available core)."""
     inter_op_threads: int = Field(default=0, ge=0, le=256)
     """ONNX Runtime inter-op threads (0: runtime default)."""
+    graph_optimization_level: GraphOptimizationLevel = GraphOptimizationLevel.ALL
+    """ONNX Runtime graph optimizations applied when the session loads (on top of those the
+    converter applied offline)."""
     warmup_requests: int = Field(default=3, ge=0, le=1000)
     """Inferences run before the model reports ready."""
     request_timeout_ms: int = Field(default=30000, ge=1, le=3600000)

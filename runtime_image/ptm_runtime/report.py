@@ -9,6 +9,18 @@ Artifact layout (content-addressed by revision):
     <store>/<namespace>/<name>/<revision>/model.onnx
     <store>/<namespace>/<name>/<revision>/report.json
 
+Exit codes of `ptm convert` (the operator reads the Job's exit code, or the failure's
+`permanent` flag in the termination message, to decide whether a retry can help):
+
+    0   EXIT_OK                 artifact stored (or already there for this revision)
+    1   EXIT_INTERNAL           unexpected error (a bug): retry a bounded number of times
+    2   EXIT_INVALID            bad spec or source: missing file, corrupt checkpoint, pickle
+                                refused, architecture mismatch, unknown format, sha256 mismatch,
+                                export failure. Permanent: only a spec change can fix it
+    3   EXIT_VALIDATION_FAILED  no candidate passed the validation gate (failurePolicy Block).
+                                Permanent
+    75  EXIT_TRANSIENT          network, object store or hub unavailable (EX_TEMPFAIL): retry
+
 pydantic only: imported by the operator and the serving image alike.
 """
 
@@ -26,6 +38,17 @@ REPORT_FILE = "report.json"
 MODEL_FILE = "model.onnx"
 #: Kubernetes caps a container's termination message at 4096 bytes.
 TERMINATION_MESSAGE_LIMIT = 4096
+#: Version of the report schema; bumped when a field changes meaning.
+REPORT_VERSION = 1
+ORT_MODEL_FILE = "model.ort"
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_INVALID = 2
+EXIT_VALIDATION_FAILED = 3
+EXIT_TRANSIENT = 75
+#: Exit codes after which re-running the same spec cannot succeed.
+PERMANENT_EXIT_CODES = frozenset({EXIT_INVALID, EXIT_VALIDATION_FAILED})
 
 
 class Metrics(Options):
@@ -37,6 +60,10 @@ class Metrics(Options):
     """Smallest per-sample cosine similarity."""
     top1_agreement: float | None = None
     """Share of samples whose arg-max agrees (classifiers)."""
+    mean_abs_error: float | None = None
+    """Mean absolute difference over all output elements."""
+    mean_cosine_similarity: float | None = None
+    """Mean per-sample cosine similarity."""
 
 
 class Candidate(Options):
@@ -50,6 +77,12 @@ class Candidate(Options):
     size_bytes: int | None = None
     reason: str = ""
     """Why it failed (empty when it passed)."""
+    latency_ms_batch8: float | None = None
+    """Median latency of a batch of 8 (absent when the batch axis is fixed)."""
+    accuracy_drop: float | None = None
+    """1 - agreement with the fp32 reference (top-1 for classifiers, mean cosine otherwise)."""
+    optimizations: list[str] = Field(default_factory=list)
+    """How this candidate was built, in order."""
 
 
 class Report(Options):
@@ -76,6 +109,25 @@ class Report(Options):
     source_sha256: str | None = None
     """Digest of the checkpoint that was converted."""
     candidates: list[Candidate] = Field(default_factory=list)
+    version: int = REPORT_VERSION
+    """Report schema version."""
+    revision: str | None = None
+    """The revision this artifact was converted for."""
+    source_uri: str | None = None
+    latency_ms_batch8_after: float | None = None
+    speedup: float | None = None
+    """latencyMsBefore / latencyMsAfter (batch 1)."""
+    latency_provider: str | None = None
+    """Execution provider the latencies were measured on."""
+    sparsity: float | None = None
+    """Measured share of zero weights in the pruned layers (when pruning ran)."""
+    ort_artifact_uri: str | None = None
+    """The ORT-format (model.ort) artifact, when the ort target was requested."""
+    ort_sha256: str | None = Field(default=None, pattern=r"^[a-f0-9]{64}$")
+    validation_message: str = ""
+    """Why validation failed when failurePolicy Warn served the fp32 model anyway."""
+    timings: dict[str, float] = Field(default_factory=dict)
+    """Seconds spent per stage (fetch, load, export, optimize, validate, store, total)."""
 
     def compact(self) -> str:
         """JSON that fits a termination message: drops detail until it does."""
@@ -99,6 +151,62 @@ class Report(Options):
     @classmethod
     def read(cls, directory: Path) -> Report:
         return cls.model_validate_json((directory / REPORT_FILE).read_text())
+
+
+class Failure(Options):
+    """What a failed conversion writes to its termination message (no artifact exists)."""
+
+    version: int = REPORT_VERSION
+    revision: str | None = None
+    reason: str
+    """CamelCase cause: InvalidSpec, InvalidSource, ExportFailed, ValidationFailed,
+    Unavailable, InternalError."""
+    message: str
+    """What went wrong, for a person."""
+    exit_code: int
+    permanent: bool
+    """True when re-running the same spec cannot succeed."""
+    candidates: list[Candidate] = Field(default_factory=list)
+    """Every candidate and why it lost (validation failures)."""
+
+    def compact(self) -> str:
+        """JSON under the termination-message limit: trims the message and reasons, then
+        per-candidate detail, then drops candidates (the full table is on stdout)."""
+        data = self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        candidates: list[dict[str, object]] = data.get("candidates", [])
+        for step in range(6):
+            text = json.dumps(data, separators=(",", ":"))
+            if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
+                return text
+            if step == 0:
+                data["message"] = _clip(data["message"], 1500)
+                for c in candidates:
+                    c["reason"] = _clip(str(c.get("reason", "")), 300)
+            elif step == 1:
+                for c in candidates:
+                    for key in ("optimizations", "sizeBytes", "latencyMsBatch8", "accuracyDrop"):
+                        c.pop(key, None)
+            elif step == 2:
+                for c in candidates:
+                    c["reason"] = _clip(str(c.get("reason", "")), 80)
+            elif step == 3:
+                data["candidates"] = candidates[:8]
+            else:
+                data.pop("candidates", None)
+                data["message"] = _clip(data["message"], 1000)
+        return json.dumps(data, separators=(",", ":"))
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_termination_message(text: str) -> Report | Failure:
+    """Parse what `ptm convert` left in a termination message: a Report or a Failure."""
+    data = json.loads(text)
+    if isinstance(data, dict) and "artifactUri" in data:
+        return Report.model_validate(data)
+    return Failure.model_validate(data)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -11,6 +11,7 @@ stops exactly those PIDs (checked against /proc so a recycled PID is never signa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -60,7 +61,9 @@ def k8s_version() -> str:
 class ClusterConfig:
     """Where the cluster lives and which loopback ports it uses."""
 
-    directory: Path = field(default_factory=lambda: Path(os.environ.get("PTM_CLUSTER_DIR", cache_dir() / "cluster")))
+    directory: Path = field(
+        default_factory=lambda: Path(os.environ.get("PTM_CLUSTER_DIR", cache_dir() / "cluster"))
+    )
     etcd_port: int = 23790
     etcd_peer_port: int = 23800
     apiserver_port: int = 16443
@@ -82,7 +85,9 @@ def kwok_nodes(config: ClusterConfig) -> list[dict[str, Any]]:
     """Node objects for kwok: GPU nodes (capacity, GPU feature-discovery labels, GPU taint) and CPU nodes."""
     nodes: list[dict[str, Any]] = []
 
-    def node(name: str, labels: dict[str, str], capacity: dict[str, str], taints: list[dict[str, str]]) -> None:
+    def node(
+        name: str, labels: dict[str, str], capacity: dict[str, str], taints: list[dict[str, str]]
+    ) -> None:
         nodes.append(
             {
                 "apiVersion": "v1",
@@ -177,7 +182,9 @@ class DevCluster:
             raise ClusterError(f"binaries missing in {self.bin_dir} and no build script at {BUILD_SCRIPT}")
         proc = subprocess.run(["bash", str(BUILD_SCRIPT), *BINARIES], check=False)
         if proc.returncode != 0:
-            raise ClusterError(f"building the cluster binaries failed (exit {proc.returncode}); see output above")
+            raise ClusterError(
+                f"building the cluster binaries failed (exit {proc.returncode}); see output above"
+            )
 
     # --- process bookkeeping -----------------------------------------------------------------
 
@@ -215,10 +222,8 @@ class DevCluster:
                 time.sleep(0.1)
             if _pid_alive(pid, self.binary(name)):
                 os.kill(pid, signal.SIGKILL)
-            try:  # reap if it is our child (same process called up and down)
+            with contextlib.suppress(ChildProcessError):  # reap if it is our child
                 os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
         (self.pids / f"{name}.pid").unlink(missing_ok=True)
 
     # --- health ------------------------------------------------------------------------------
@@ -247,9 +252,13 @@ class DevCluster:
             if check():
                 return
             if not self.running(log):
-                raise ClusterError(f"{log} exited while waiting for {what}; last log lines:\n{self.tail(log)}")
+                raise ClusterError(
+                    f"{log} exited while waiting for {what}; last log lines:\n{self.tail(log)}"
+                )
             time.sleep(0.2)
-        raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}; last log lines:\n{self.tail(log)}")
+        raise ClusterError(
+            f"timed out after {timeout:.0f}s waiting for {what}; last log lines:\n{self.tail(log)}"
+        )
 
     def tail(self, name: str, lines: int = 20) -> str:
         try:
@@ -374,7 +383,11 @@ class DevCluster:
             "kubeconfig": str(self.kubeconfig),
             "ready": self.ready(),
             "components": {
-                name: {"pid": self._pid(name), "running": self.running(name), "log": str(self.logs / f"{name}.log")}
+                name: {
+                    "pid": self._pid(name),
+                    "running": self.running(name),
+                    "log": str(self.logs / f"{name}.log"),
+                }
                 for name in (*CONTROL_PLANE, "kwok")
             },
         }

@@ -1,0 +1,1 @@
+"""Pure builders: (model, settings) -> plain dict manifests. No API calls, no kopf."""

@@ -1,0 +1,116 @@
+"""The conversion Job: `ptm convert` for one revision, writing into the artifact store."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ptm_operator.api import PretrainedModel, duration_seconds
+from ptm_operator.builders.common import (
+    container_security_context,
+    metadata,
+    pod_security_context,
+    resources,
+    tolerations,
+)
+from ptm_operator.builders.names import dns_name, labels
+from ptm_operator.builders.store import Store
+from ptm_operator.revision import artifact_inputs
+from ptm_operator.settings import Settings
+from ptm_runtime.report import EXIT_INVALID, EXIT_VALIDATION_FAILED
+
+CONTAINER = "convert"
+COMPONENT = "converter"
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def job_name(model: PretrainedModel, revision: str) -> str:
+    """<model>-convert-<revision>, DNS-safe (pod names append 6 characters, labels cap at 63)."""
+    return dns_name(model.metadata.name, "convert", revision, max_len=52)
+
+
+def conversion_job(model: PretrainedModel, revision: str, settings: Settings, store: Store) -> dict[str, Any]:
+    """A batch/v1 Job that converts, optimizes and validates one revision.
+
+    Permanent failures (an invalid source, a validation gate that failed) exit with codes the
+    podFailurePolicy turns into an immediate Job failure, so they are never retried; anything
+    else (network, store) is retried up to backoffLimit. The compact report reaches the
+    operator through the container's termination message.
+    """
+    spec = model.spec
+    namespace = model.metadata.namespace or "default"
+    lab = labels(model.metadata.name, COMPONENT, revision)
+    gpus = spec.conversion.resources.gpus()
+    env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_OFFLINE", "value": "0"}]
+    env_from: list[dict[str, Any]] = []
+    if spec.source.credentials_secret_ref is not None:
+        env_from.append({"secretRef": {"name": spec.source.credentials_secret_ref.name}})
+    if spec.source.token_secret_ref is not None:
+        ref = spec.source.token_secret_ref
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": settings.converter_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": [
+            "convert",
+            "--spec-json",
+            json.dumps({"spec": artifact_inputs(spec)}, sort_keys=True, separators=(",", ":")),
+            "--store",
+            store.root(),
+            "--namespace",
+            namespace,
+            "--name",
+            model.metadata.name,
+            "--revision",
+            revision,
+            "--termination-log",
+            TERMINATION_LOG,
+        ],
+        "env": env,
+        "resources": resources(spec.conversion.resources),
+        "securityContext": container_security_context(),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [store.mount(read_only=False), {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if env_from:
+        container["envFrom"] = env_from
+    deadline = min(int(duration_seconds(spec.conversion.timeout)), settings.job_active_deadline_seconds)
+    job_spec: dict[str, Any] = {
+        "backoffLimit": min(spec.conversion.backoff_limit, settings.job_backoff_limit),
+        "activeDeadlineSeconds": deadline,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [EXIT_INVALID, EXIT_VALIDATION_FAILED],
+                    },
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]
+        },
+        "template": {
+            "metadata": {"labels": dict(lab)},
+            "spec": {
+                "restartPolicy": "Never",
+                "securityContext": pod_security_context(),
+                "containers": [container],
+                "volumes": [store.volume, {"name": "tmp", "emptyDir": {}}],
+                "tolerations": tolerations([], gpus),
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+            },
+        },
+    }
+    if settings.job_ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = settings.job_ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(model, job_name(model, revision), lab),
+        "spec": job_spec,
+    }

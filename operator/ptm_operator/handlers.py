@@ -1,0 +1,134 @@
+"""Thin kopf handlers: parse -> observe -> plan -> apply -> status. Decisions live in planning.py.
+
+Every handler and the health timer run the same `reconcile()`; all state is in the resource's
+status and its children, so killing the operator at any point and starting it again converges
+to the same result (server-side apply with deterministic names never duplicates a child).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import time
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from pydantic import ValidationError
+
+from ptm_operator import GROUP, PLURAL, VERSION
+from ptm_operator.api import Condition, PretrainedModel
+from ptm_operator.builders.store import Store, store_from_settings
+from ptm_operator.conditions import set_condition
+from ptm_operator.kube import Kube
+from ptm_operator.metrics import OperatorMetrics
+from ptm_operator.planning import Plan, plan
+from ptm_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def settings() -> Settings:
+    return Settings()
+
+
+@functools.cache
+def store() -> Store:
+    return store_from_settings(settings())
+
+
+@functools.cache
+def kube() -> Kube:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    cfg = client.Configuration.get_default_copy()
+    cfg.connection_pool_maxsize = 32
+    return Kube(client.ApiClient(cfg))
+
+
+@functools.cache
+def metrics() -> OperatorMetrics:
+    return OperatorMetrics()
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Progress and diff-base in annotations (the CRD's structural status has no kopf fields)."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # Events come from plans, few and stable
+    settings.execution.max_workers = 16
+    settings.watching.server_timeout = 300
+    settings.batching.worker_limit = 200
+    metrics().serve(globals()["settings"]().metrics_port)
+
+
+def parse_or_fail(body: kopf.Body, patch: kopf.Patch) -> PretrainedModel:
+    """Parse the object; an invalid one gets an InvalidSpec condition and a PermanentError."""
+    try:
+        return PretrainedModel.from_body(body)
+    except ValidationError as exc:
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        conditions = [Condition.model_validate(c) for c in (body.get("status") or {}).get("conditions", [])]
+        conditions = set_condition(conditions, "Ready", False, "InvalidSpec", message, now=utcnow())
+        patch.status["conditions"] = [c.wire() for c in conditions]
+        raise kopf.PermanentError(f"invalid spec: {message}") from exc
+
+
+def carry_out(model: PretrainedModel, result: Plan, body: kopf.Body) -> None:
+    k = kube()
+    ns = model.metadata.namespace or "default"
+    for manifest in result.apply:
+        k.apply(manifest)
+        metrics().applied.labels(manifest["kind"]).inc()
+    for gone in result.delete:
+        k.delete(gone.api_version, gone.kind, ns, gone.name)
+    for event in result.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def reconcile(body: kopf.Body, patch: kopf.Patch) -> Plan:
+    started = time.monotonic()
+    model = parse_or_fail(body, patch)
+    try:
+        observed = kube().observe(model)
+        result = plan(model, observed, utcnow(), settings(), store())
+        carry_out(model, result, body)
+    except Exception:
+        metrics().reconcile_done("error", time.monotonic() - started)
+        raise
+    patch.status.update(result.status_patch())
+    metrics().reconcile_done("waiting" if result.requeue_after else "settled", time.monotonic() - started)
+    return result
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile")
+@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile")
+@kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile")
+def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    result = reconcile(body, patch)
+    if result.requeue_after is not None:
+        raise kopf.TemporaryError(result.waiting_for or "waiting", delay=result.requeue_after)
+
+
+@kopf.timer(
+    GROUP, VERSION, PLURAL, id="health", interval=settings().health_interval_seconds, initial_delay=2.0
+)
+def health(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    """Re-read children on a timer: pods crash, nodes vanish and Jobs end without touching the spec."""
+    if body.get("metadata", {}).get("deletionTimestamp"):
+        return
+    try:
+        reconcile(body, patch)
+    except kopf.PermanentError:
+        return

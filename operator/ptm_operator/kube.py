@@ -1,0 +1,239 @@
+"""The only module that talks to the Kubernetes API: observe children, server-side apply, delete.
+
+Reads are label-selected lists in the resource's namespace (three per reconcile). Writes are
+server-side apply with field manager `ptm-operator`, so re-applying an unchanged manifest is a
+no-op and a restarted operator never duplicates what it created before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from ptm_operator.api import PretrainedModel
+from ptm_operator.builders import jobs, serving
+from ptm_operator.builders.names import FIELD_MANAGER, REVISION_LABEL, selector
+from ptm_operator.planning import DeploymentObservation, JobObservation, Observed, PodObservation
+
+log = logging.getLogger(__name__)
+
+#: apiVersion/kind -> (path prefix, plural) for the kinds the operator manages.
+_KINDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
+    ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
+    ("v1", "Service"): ("/api/v1", "services"),
+    ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    ("keda.sh/v1alpha1", "ScaledObject"): ("/apis/keda.sh/v1alpha1", "scaledobjects"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): ("/apis/gateway.networking.k8s.io/v1", "httproutes"),
+}
+
+
+def _path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    try:
+        prefix, plural = _KINDS[(api_version, kind)]
+    except KeyError:
+        raise ValueError(f"ptm does not manage {api_version} {kind}") from None
+    path = f"{prefix}/namespaces/{namespace}/{plural}"
+    return f"{path}/{name}" if name else path
+
+
+def _selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+class Kube:
+    """Observe and change one namespace's ptm children through one ApiClient (plain dicts)."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api = api_client
+        self._keda: bool | None = None
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def _list(
+        self, api_version: str, kind: str, namespace: str, labels: dict[str, str]
+    ) -> list[dict[str, Any]]:
+        path = _path(api_version, kind, namespace)
+        data = self._request("GET", path, "application/json", None, [("labelSelector", _selector(labels))])
+        items: list[dict[str, Any]] = data.get("items") or []
+        return items
+
+    def observe(self, model: PretrainedModel) -> Observed:
+        ns = model.metadata.namespace or "default"
+        name = model.metadata.name
+        job_items = self._list("batch/v1", "Job", ns, selector(name, jobs.COMPONENT))
+        job_pods: dict[str, list[dict[str, Any]]] = {}
+        if job_items:
+            for pod in self._list("v1", "Pod", ns, selector(name, jobs.COMPONENT)):
+                lab = pod["metadata"].get("labels") or {}
+                job_pods.setdefault(
+                    lab.get("batch.kubernetes.io/job-name") or lab.get("job-name", ""), []
+                ).append(pod)
+        observed_jobs = {}
+        for job in job_items:
+            rev = (job["metadata"].get("labels") or {}).get(REVISION_LABEL)
+            if rev:
+                observed_jobs[rev] = _job_observation(job, job_pods.get(job["metadata"]["name"], []))
+        observed_deps = {}
+        deployments = self._list("apps/v1", "Deployment", ns, selector(name, serving.COMPONENT))
+        for dep in deployments:
+            rev = (dep["metadata"].get("labels") or {}).get(REVISION_LABEL)
+            if rev and not dep["metadata"].get("deletionTimestamp"):
+                st = dep.get("status") or {}
+                observed_deps[rev] = DeploymentObservation(
+                    name=dep["metadata"]["name"],
+                    revision=rev,
+                    replicas=(dep.get("spec") or {}).get("replicas") or 0,
+                    ready_replicas=st.get("readyReplicas") or 0,
+                    available_replicas=st.get("availableReplicas") or 0,
+                    updated_replicas=st.get("updatedReplicas") or 0,
+                )
+        serving_pods = []
+        if deployments:
+            serving_pods = [
+                _pod_observation(p) for p in self._list("v1", "Pod", ns, selector(name, serving.COMPONENT))
+            ]
+        return Observed(
+            jobs=observed_jobs,
+            deployments=observed_deps,
+            pods=serving_pods,
+            keda_available=self.keda_available() if model.spec.serving.autoscaling else False,
+        )
+
+    def get_model(self, namespace: str, name: str) -> PretrainedModel | None:
+        """The PretrainedModel as stored, or None when it does not exist."""
+        from ptm_operator import GROUP, PLURAL, VERSION
+
+        try:
+            body = self._request(
+                "GET",
+                f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
+                "application/json",
+                None,
+                [],
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return PretrainedModel.from_body(body)
+
+    def keda_available(self) -> bool:
+        """Whether the KEDA ScaledObject CRD is installed (cached per process)."""
+        if self._keda is None:
+            path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/scaledobjects.keda.sh"
+            try:
+                self._request("GET", path, "application/json", None, [])
+                self._keda = True
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                self._keda = False
+        return self._keda
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def _request(
+        self, method: str, path: str, content_type: str, body: Any, query: list[tuple[str, str]]
+    ) -> Any:
+        serialized = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*serialized)
+        response.read()
+        return self.api.response_deserialize(
+            response, {"200": "object", "201": "object", "202": "object"}
+        ).data
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        """Server-side apply (force: the operator owns the fields it sets)."""
+        meta = manifest["metadata"]
+        path = _path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        self._request("PATCH", path, "application/apply-patch+yaml", json.dumps(manifest), query)
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        """Delete (background propagation); already gone is fine."""
+        try:
+            path = _path(api_version, kind, namespace, name)
+            self._request("DELETE", path, "application/json", {"propagationPolicy": "Background"}, [])
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+def _job_observation(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobObservation:
+    st = job.get("status") or {}
+    conditions = st.get("conditions") or []
+    failed = next((c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    complete = any(c.get("type") == "Complete" and c.get("status") == "True" for c in conditions)
+    exit_code: int | None = None
+    message: str | None = None
+    latest = ""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated")
+            if cs.get("name") == jobs.CONTAINER and term is not None:
+                finished = term.get("finishedAt") or ""
+                if exit_code is None or finished > latest:
+                    latest = finished
+                    exit_code = term.get("exitCode")
+                    message = term.get("message")
+    return JobObservation(
+        name=job["metadata"]["name"],
+        revision=job["metadata"]["labels"][REVISION_LABEL],
+        active=st.get("active") or 0,
+        succeeded=complete,
+        failed=failed is not None,
+        failure_reason=(failed or {}).get("reason") or "",
+        failure_message=(failed or {}).get("message") or "",
+        exit_code=exit_code,
+        termination_message=message,
+    )
+
+
+def _pod_observation(pod: dict[str, Any]) -> PodObservation:
+    st = pod.get("status") or {}
+    unschedulable = None
+    ready = False
+    for cond in st.get("conditions") or []:
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            unschedulable = cond.get("message") or "Unschedulable"
+        if cond.get("type") == "Ready" and cond.get("status") == "True":
+            ready = True
+    waiting = None
+    restarts = 0
+    last_reason = None
+    for cs in st.get("containerStatuses") or []:
+        restarts += cs.get("restartCount") or 0
+        reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+        if reason:
+            waiting = reason
+        last = ((cs.get("lastState") or {}).get("terminated") or {}).get("reason")
+        if last:
+            last_reason = last
+    return PodObservation(
+        name=pod["metadata"]["name"],
+        revision=(pod["metadata"].get("labels") or {}).get(REVISION_LABEL, ""),
+        phase=st.get("phase") or "Pending",
+        ready=ready,
+        unschedulable=unschedulable,
+        waiting_reason=waiting,
+        restarts=restarts,
+        last_termination_reason=last_reason,
+    )

@@ -1,0 +1,568 @@
+"""Planning: (model, observed children, now) -> what to apply, delete, report and when to look again.
+
+Pure: no kopf, no Kubernetes client. Handlers and timers call `plan()` with what `kube.observe()`
+read and carry out the result, so every decision here is unit-tested without a cluster, and a
+restarted operator recomputes the same plan from the resource's status and its children.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from ptm_operator.api import (
+    ArtifactStatus,
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    EndpointStatus,
+    PretrainedModel,
+    PretrainedModelStatus,
+    RevisionState,
+    RevisionStatus,
+    RolloutStrategy,
+)
+from ptm_operator.builders import jobs, serving
+from ptm_operator.builders.store import Store
+from ptm_operator.conditions import set_condition, with_ready
+from ptm_operator.revision import revision_of
+from ptm_operator.settings import Settings
+from ptm_runtime.report import EXIT_INVALID, EXIT_VALIDATION_FAILED, Report
+
+#: Revisions that have a usable artifact.
+SERVABLE = frozenset(
+    {RevisionState.VALIDATED, RevisionState.STABLE, RevisionState.CANARY, RevisionState.SUPERSEDED}
+)
+
+
+# --- what the operator observed --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobObservation:
+    """A conversion Job and what its (latest) pod said when it ended."""
+
+    name: str
+    revision: str
+    active: int = 0
+    succeeded: bool = False
+    failed: bool = False
+    failure_reason: str = ""
+    failure_message: str = ""
+    exit_code: int | None = None
+    termination_message: str | None = None
+
+
+@dataclass(frozen=True)
+class DeploymentObservation:
+    name: str
+    revision: str
+    replicas: int = 0
+    ready_replicas: int = 0
+    available_replicas: int = 0
+    updated_replicas: int = 0
+
+
+@dataclass(frozen=True)
+class PodObservation:
+    """A serving pod, reduced to what status and remediation need."""
+
+    name: str
+    revision: str
+    phase: str = "Pending"
+    ready: bool = False
+    unschedulable: str | None = None
+    """The scheduler's message when PodScheduled is False/Unschedulable."""
+    waiting_reason: str | None = None
+    """CrashLoopBackOff, ImagePullBackOff, ErrImagePull, CreateContainerConfigError, ..."""
+    restarts: int = 0
+    last_termination_reason: str | None = None
+    """OOMKilled, Error, ..."""
+
+
+@dataclass(frozen=True)
+class Observed:
+    jobs: dict[str, JobObservation] = field(default_factory=dict)
+    deployments: dict[str, DeploymentObservation] = field(default_factory=dict)
+    pods: list[PodObservation] = field(default_factory=list)
+    keda_available: bool = False
+
+
+# --- what to do ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Deletion:
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass
+class Plan:
+    apply: list[dict[str, Any]]
+    delete: list[Deletion]
+    status: PretrainedModelStatus
+    events: list[Event]
+    requeue_after: float | None
+    waiting_for: str = ""
+
+    def status_patch(self) -> dict[str, Any]:
+        """The whole status in wire form (lists are replaced, so it is sent complete)."""
+        return self.status.wire()
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+_BAD_WAITING = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "CreateContainerConfigError",
+        "InvalidImageName",
+        "RunContainerError",
+    }
+)
+
+
+def report_from_message(message: str | None) -> Report | None:
+    """The converter's compact report from a termination message, or None if it is not one."""
+    if not message:
+        return None
+    try:
+        return Report.model_validate(json.loads(message))
+    except (ValueError, ValidationError):
+        return None
+
+
+def candidates_summary(report: Report) -> str:
+    """'fp16: cosine 0.91 < 0.99; fp32: passed' — the candidates table in one line."""
+    parts = []
+    for c in report.candidates:
+        parts.append(f"{c.precision.value}: {'passed' if c.passed else (c.reason or 'failed')}")
+    return "; ".join(parts)
+
+
+def pod_problems(pods: list[PodObservation], revision: str) -> tuple[str, str] | None:
+    """(reason, message) for the worst trouble of a revision's pods, or None.
+
+    Unschedulable pods name the scheduler's reason (e.g. Insufficient nvidia.com/gpu), so a
+    cluster autoscaler that is adding a GPU node is visible in status rather than silent.
+    """
+    mine = [p for p in pods if p.revision == revision]
+    crashing = [p for p in mine if p.waiting_reason in _BAD_WAITING]
+    if crashing:
+        reasons = Counter(p.waiting_reason for p in crashing)
+        reason, _ = reasons.most_common(1)[0]
+        oom = [p for p in crashing if p.last_termination_reason == "OOMKilled"]
+        detail = f" (last terminated: OOMKilled in {len(oom)})" if oom else ""
+        names = ", ".join(sorted(p.name for p in crashing)[:3])
+        return str(reason), f"{len(crashing)} serving pod(s) in {reason}{detail}: {names}"
+    pending = [p for p in mine if p.unschedulable]
+    if pending:
+        msg = pending[0].unschedulable or ""
+        return "Unschedulable", f"{len(pending)} pod(s) wait for resources: {msg}"
+    return None
+
+
+def endpoint(model: PretrainedModel) -> EndpointStatus:
+    ns = model.metadata.namespace or "default"
+    host = f"{serving.service_name(model)}.{ns}.svc"
+    spec = model.spec.serving
+    return EndpointStatus(
+        rest=f"http://{host}:{spec.port}" if "rest" in spec.protocols else None,
+        grpc=f"{host}:{spec.grpc_port}" if "grpc" in spec.protocols else None,
+    )
+
+
+def desired_replicas(model: PretrainedModel, observed: DeploymentObservation | None) -> int:
+    """Fixed replicas, or (with autoscaling) what the HPA set, bounded by min/max."""
+    auto = model.spec.serving.autoscaling
+    if auto is None:
+        return model.spec.serving.replicas
+    current = observed.replicas if observed is not None else auto.min_replicas
+    return max(auto.min_replicas, min(auto.max_replicas, current or auto.min_replicas))
+
+
+def _upsert(revisions: list[RevisionStatus], record: RevisionStatus) -> list[RevisionStatus]:
+    out = [r for r in revisions if r.revision != record.revision]
+    out.append(record)
+    return out
+
+
+def _trim(revisions: list[RevisionStatus], keep: int, protected: set[str]) -> list[RevisionStatus]:
+    """Keep the newest `keep` revisions plus any that serve."""
+    if len(revisions) <= keep:
+        return revisions
+    droppable = [r for r in revisions if r.revision not in protected]
+    drop = {r.revision for r in droppable[: len(revisions) - keep]}
+    return [r for r in revisions if r.revision not in drop]
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+
+class _Conditions:
+    """Collects condition changes and the Events their transitions deserve."""
+
+    def __init__(self, start: list[Condition], generation: int | None, now: datetime) -> None:
+        self.items = list(start)
+        self.before = {c.type: c.status for c in start}
+        self.generation = generation
+        self.now = now
+
+    def set(
+        self, type_: ConditionType, status: ConditionStatus | bool, reason: str, message: str = ""
+    ) -> None:
+        self.items = set_condition(
+            self.items, type_, status, reason, message, observed_generation=self.generation, now=self.now
+        )
+
+    def finish(self) -> tuple[list[Condition], list[Event]]:
+        self.items = with_ready(self.items, observed_generation=self.generation, now=self.now)
+        events = []
+        for c in self.items:
+            if self.before.get(c.type) == c.status:
+                continue
+            bad = (c.type == ConditionType.DEGRADED.value and c.status is ConditionStatus.TRUE) or (
+                c.type != ConditionType.DEGRADED.value and c.status is ConditionStatus.FALSE
+            )
+            if c.type == ConditionType.PROGRESSING.value:
+                continue  # progress is visible in status; events are for outcomes
+            if c.status is ConditionStatus.UNKNOWN:
+                continue
+            events.append(
+                Event("Warning" if bad else "Normal", c.reason, f"{c.type}={c.status.value}: {c.message}")
+            )
+        return self.items, events
+
+
+def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Settings, store: Store) -> Plan:
+    """Decide everything for one resource at one moment."""
+    spec = model.spec
+    status = model.status.model_copy(deep=True)
+    cond = _Conditions(status.conditions, model.metadata.generation, now)
+    manifests: list[dict[str, Any]] = []
+    deletions: list[Deletion] = []
+    waiting: list[str] = []
+    namespace = model.metadata.namespace or "default"
+    name = model.metadata.name
+
+    # 1. Which revision should serve.
+    built = revision_of(spec)
+    pinned = spec.revision
+    desired = pinned or built
+    record = status.revision(desired)
+    if pinned and (record is None or record.state not in SERVABLE):
+        cond.set(
+            ConditionType.DEGRADED,
+            True,
+            "RevisionNotFound",
+            f"spec.revision {pinned} is not a converted revision in status.revisions; "
+            f"known: {', '.join(r.revision for r in status.revisions) or 'none'}",
+        )
+        record = None
+    elif record is None:
+        record = RevisionStatus(revision=desired, state=RevisionState.PENDING, created=now)
+        status.revisions = _upsert(status.revisions, record)
+
+    # 2. Conversion of the desired revision.
+    if record is not None and record.state not in SERVABLE and record.state is not RevisionState.FAILED:
+        job = observed.jobs.get(desired)
+        if job is None:
+            manifests.append(jobs.conversion_job(model, desired, settings, store))
+            record.state = RevisionState.CONVERTING
+            cond.set(
+                ConditionType.CONVERTED, False, "Converting", f"conversion Job for revision {desired} created"
+            )
+            cond.set(ConditionType.PROGRESSING, True, "Converting", f"converting revision {desired}")
+            waiting.append(f"conversion of revision {desired}")
+        elif job.succeeded:
+            report = report_from_message(job.termination_message)
+            if report is None:
+                record.state = RevisionState.FAILED
+                record.message = "the conversion Job succeeded but its pod left no readable report"
+                cond.set(ConditionType.CONVERTED, False, "ReportMissing", record.message)
+            else:
+                _record_report(record, report)
+                cond.set(
+                    ConditionType.CONVERTED,
+                    True,
+                    "Converted",
+                    f"revision {desired}: {report.exporter or 'onnx'} opset {report.opset}",
+                )
+                if report.validation_passed:
+                    record.state = RevisionState.VALIDATED
+                    cond.set(
+                        ConditionType.VALIDATED,
+                        True,
+                        "Validated",
+                        f"revision {desired}: {report.precision.value} passed ({candidates_summary(report)})",
+                    )
+                else:
+                    record.state = RevisionState.FAILED
+                    record.message = f"validation failed: {candidates_summary(report)}"
+                    cond.set(
+                        ConditionType.VALIDATED,
+                        False,
+                        "ValidationFailed",
+                        f"revision {desired}: {record.message}",
+                    )
+        elif job.failed:
+            report = report_from_message(job.termination_message)
+            record.state = RevisionState.FAILED
+            if job.exit_code == EXIT_VALIDATION_FAILED or (
+                report is not None and not report.validation_passed
+            ):
+                summary = candidates_summary(report) if report else (job.termination_message or "")[-500:]
+                record.message = f"validation failed: {summary}"
+                if report is not None:
+                    _record_report(record, report)
+                cond.set(ConditionType.CONVERTED, True, "Converted", f"revision {desired} converted")
+                cond.set(
+                    ConditionType.VALIDATED,
+                    False,
+                    "ValidationFailed",
+                    f"revision {desired}: {record.message}",
+                )
+            elif job.exit_code == EXIT_INVALID:
+                record.message = (
+                    f"invalid source or spec: {(job.termination_message or job.failure_message)[-500:]}"
+                )
+                cond.set(
+                    ConditionType.CONVERTED, False, "InvalidSource", f"revision {desired}: {record.message}"
+                )
+            else:
+                detail = job.termination_message or job.failure_message or job.failure_reason
+                record.message = f"conversion failed ({job.failure_reason or 'Failed'}): {detail[-500:]}"
+                cond.set(
+                    ConditionType.CONVERTED,
+                    False,
+                    "ConversionFailed",
+                    f"revision {desired}: {record.message}",
+                )
+        else:
+            record.state = RevisionState.CONVERTING
+            cond.set(ConditionType.CONVERTED, False, "Converting", f"conversion Job {job.name} is running")
+            cond.set(ConditionType.PROGRESSING, True, "Converting", f"converting revision {desired}")
+            waiting.append(f"conversion Job {job.name}")
+        status.revisions = _upsert(status.revisions, record)
+    elif record is not None and record.state is RevisionState.FAILED:
+        reason = "ValidationFailed" if record.message.startswith("validation") else "ConversionFailed"
+        if reason == "ValidationFailed":
+            cond.set(ConditionType.VALIDATED, False, reason, f"revision {desired}: {record.message}")
+        else:
+            cond.set(ConditionType.CONVERTED, False, reason, f"revision {desired}: {record.message}")
+
+    # 3. Serving: the stable revision, and the desired one rolling in when it differs.
+    stable = status.stable_revision
+    stable_record = status.revision(stable) if stable else None
+    if stable_record is None or stable_record.state not in SERVABLE:
+        stable = None
+    candidate = desired if record is not None and record.state in SERVABLE else None
+    if stable is None and candidate is not None:
+        stable = candidate
+    if stable is not None and candidate is not None and candidate != stable:
+        stable = _roll(model, observed, status, stable, candidate, cond, waiting)
+    if (
+        candidate is None
+        and record is not None
+        and record.state is RevisionState.FAILED
+        and stable is not None
+    ):
+        cond.set(
+            ConditionType.DEGRADED,
+            True,
+            "UpdateFailed",
+            f"revision {desired} failed ({record.message[:300]}); revision {stable} keeps serving",
+        )
+
+    serving_revisions = [r for r in (stable, status.canary_revision) if r]
+    for rev in serving_revisions:
+        rec = status.revision(rev)
+        assert rec is not None and rec.artifact is not None
+        replicas = None if spec.serving.autoscaling is not None else spec.serving.replicas
+        manifests.append(
+            serving.serving_deployment(
+                model,
+                rev,
+                store.artifact_dir(namespace, name, rev),
+                replicas,
+                settings,
+                store,
+                size_bytes=rec.artifact.size_bytes,
+            )
+        )
+    for rev, dep in observed.deployments.items():
+        if rev not in serving_revisions:
+            deletions.append(Deletion("apps/v1", "Deployment", dep.name))
+
+    if stable is not None:
+        stable_record = status.revision(stable)
+        if stable_record is not None and stable_record.state is not RevisionState.CANARY:
+            stable_record.state = RevisionState.STABLE
+        status.stable_revision = stable
+        manifests.append(serving.service(model))
+        manifests.append(serving.pod_disruption_budget(model))
+        hpa = serving.horizontal_pod_autoscaler(model, stable)
+        if hpa is not None:
+            manifests.append(hpa)
+        if observed.keda_available:
+            scaled = serving.keda_scaled_object(model, stable)
+            if scaled is not None:
+                manifests.append(scaled)
+        policy = serving.network_policy(model)
+        if policy is not None:
+            manifests.append(policy)
+        status.endpoint = endpoint(model)
+        _availability(model, observed, stable, cond, waiting)
+    elif not any(c.type == ConditionType.AVAILABLE.value for c in cond.items):
+        cond.set(ConditionType.AVAILABLE, False, "NoArtifact", "no validated revision to serve yet")
+    elif record is not None and record.state is RevisionState.FAILED:
+        cond.set(
+            ConditionType.AVAILABLE,
+            False,
+            "NoArtifact",
+            f"revision {desired} failed and no earlier revision serves",
+        )
+
+    # 4. Facts and summary.
+    status.replicas = sum(d.replicas for r, d in observed.deployments.items() if r in serving_revisions)
+    status.ready_replicas = sum(
+        d.ready_replicas for r, d in observed.deployments.items() if r in serving_revisions
+    )
+    protected = {r for r in (stable, status.canary_revision, desired) if r}
+    status.revisions = _trim(status.revisions, spec.rollout.revision_history_limit, protected)
+    if not waiting:
+        cond.set(
+            ConditionType.PROGRESSING,
+            False,
+            "Settled",
+            f"revision {stable or desired} is {'serving' if stable else 'not serving'}",
+        )
+    degraded = any(
+        c.type == ConditionType.DEGRADED.value and c.status is ConditionStatus.TRUE for c in cond.items
+    )
+    settled_on_desired = record is not None and record.state in SERVABLE and not waiting and stable == desired
+    if (not degraded or settled_on_desired) and _no_trouble(observed, serving_revisions):
+        cond.set(ConditionType.DEGRADED, False, "Healthy", "no trouble observed")
+    status.observed_generation = model.metadata.generation
+    status.conditions, events = cond.finish()
+    return Plan(
+        apply=manifests,
+        delete=deletions,
+        status=status,
+        events=events,
+        requeue_after=settings.requeue_seconds if waiting else None,
+        waiting_for="; ".join(waiting),
+    )
+
+
+def _no_trouble(observed: Observed, revisions: list[str]) -> bool:
+    return all(pod_problems(observed.pods, r) is None for r in revisions)
+
+
+def _record_report(record: RevisionStatus, report: Report) -> None:
+    record.artifact = ArtifactStatus(
+        uri=report.artifact_uri, sha256=report.sha256, size_bytes=report.size_bytes
+    )
+    record.precision = report.precision
+    record.metrics = report.metrics
+    record.source_digest = report.source_sha256
+
+
+def _roll(
+    model: PretrainedModel,
+    observed: Observed,
+    status: PretrainedModelStatus,
+    stable: str,
+    candidate: str,
+    cond: _Conditions,
+    waiting: list[str],
+) -> str:
+    """Bring `candidate` in beside `stable`; once all its pods are ready it becomes stable.
+
+    Returns the revision that is stable after this step.
+    """
+    status.canary_revision = candidate
+    rec = status.revision(candidate)
+    assert rec is not None
+    rec.state = RevisionState.CANARY
+    dep = observed.deployments.get(candidate)
+    want = desired_replicas(model, observed.deployments.get(stable))
+    if model.spec.rollout.strategy is RolloutStrategy.RECREATE or (
+        dep is not None
+        and dep.ready_replicas >= max(want, 1)
+        and pod_problems(observed.pods, candidate) is None
+    ):
+        old = status.revision(stable)
+        if old is not None:
+            old.state = RevisionState.SUPERSEDED
+        rec.state = RevisionState.STABLE
+        status.canary_revision = None
+        status.canary_weight = None
+        status.current_step = None
+        cond.set(ConditionType.PROGRESSING, True, "Promoted", f"revision {candidate} replaced {stable}")
+        return candidate
+    problem = pod_problems(observed.pods, candidate)
+    detail = f": {problem[1]}" if problem else ""
+    cond.set(
+        ConditionType.PROGRESSING,
+        True,
+        "RollingOut",
+        f"revision {candidate} starting beside {stable}{detail}",
+    )
+    waiting.append(f"revision {candidate} to become ready")
+    return stable
+
+
+def _availability(
+    model: PretrainedModel, observed: Observed, stable: str, cond: _Conditions, waiting: list[str]
+) -> None:
+    dep = observed.deployments.get(stable)
+    problem = pod_problems(observed.pods, stable)
+    if dep is None:
+        cond.set(
+            ConditionType.AVAILABLE,
+            False,
+            "Deploying",
+            f"creating the serving Deployment for revision {stable}",
+        )
+        waiting.append(f"Deployment of revision {stable}")
+        return
+    if problem is not None:
+        reason, message = problem
+        cond.set(ConditionType.AVAILABLE, False, reason, message)
+        cond.set(ConditionType.DEGRADED, True, reason, message)
+        waiting.append(message)
+        return
+    if dep.ready_replicas < 1:
+        cond.set(
+            ConditionType.AVAILABLE,
+            False,
+            "Starting",
+            f"0/{dep.replicas} serving pods of revision {stable} ready",
+        )
+        waiting.append(f"serving pods of revision {stable}")
+        return
+    cond.set(
+        ConditionType.AVAILABLE,
+        True,
+        "Serving",
+        f"revision {stable}: {dep.ready_replicas}/{dep.replicas} pods ready",
+    )
+    if dep.ready_replicas < dep.replicas:
+        waiting.append(f"{dep.replicas - dep.ready_replicas} more pods of revision {stable}")

@@ -1,0 +1,276 @@
+"""The model behind the server: one ONNX Runtime session, no HTTP.
+
+`OnnxModel.load` resolves the artifact (an artifact directory with `report.json`, or a bare
+`.onnx` file), verifies the sha256 the converter recorded before anything is loaded, picks the
+execution provider (the configured order, limited to what this onnxruntime build offers, and the
+one the session really got is reported), and warms the session up. `infer` runs one (batched)
+call; the batcher and the data plane above it own queueing, validation and wire formats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ptm_runtime.options import ExecutionProvider, GraphOptimizationLevel, RuntimeOptions
+from ptm_runtime.report import MODEL_FILE, REPORT_FILE, Report, sha256_file
+from ptm_runtime.serve.errors import ArtifactError, InvalidInput
+
+log = logging.getLogger(__name__)
+
+#: Open Inference Protocol datatype -> numpy dtype (BYTES and BF16 are not served).
+V2_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+
+#: ONNX Runtime's type strings -> Open Inference Protocol datatype.
+ORT_TO_V2: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+}
+
+_GRAPH_LEVELS = {
+    GraphOptimizationLevel.DISABLED: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    GraphOptimizationLevel.BASIC: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    GraphOptimizationLevel.EXTENDED: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    GraphOptimizationLevel.ALL: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+#: Providers whose tensors live on the GPU: inputs and outputs go through I/O binding.
+_DEVICE_PROVIDERS = {ExecutionProvider.CUDA.value, ExecutionProvider.TENSORRT.value}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One model input or output as the protocol shows it (-1 marks a dynamic dimension)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return V2_DTYPES[self.datatype]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """The file to load and what the converter said about it (None for a bare .onnx)."""
+
+    model_path: Path
+    report: Report | None
+    sha256: str
+
+
+def resolve_artifact(path: Path) -> Artifact:
+    """Find model.onnx (and report.json) and verify the sha256 before anything is loaded.
+
+    A directory must hold both files: an artifact without its report is refused rather than
+    served unverified. A file is served as given; when it is a `model.onnx` with a report beside
+    it, the report is checked all the same.
+    """
+    if path.is_dir():
+        model_path = path / MODEL_FILE
+        if not model_path.is_file():
+            raise ArtifactError(f"artifact directory {path} has no {MODEL_FILE}")
+        if not (path / REPORT_FILE).is_file():
+            raise ArtifactError(
+                f"artifact directory {path} has no {REPORT_FILE}; pass {model_path} itself to serve it unverified"
+            )
+    elif path.is_file():
+        model_path = path
+    else:
+        raise ArtifactError(f"no such artifact: {path}")
+    digest = sha256_file(model_path)
+    report: Report | None = None
+    if model_path.name == MODEL_FILE and (model_path.parent / REPORT_FILE).is_file():
+        try:
+            report = Report.read(model_path.parent)
+        except ValueError as exc:
+            raise ArtifactError(f"{model_path.parent / REPORT_FILE} is not a valid report: {exc}") from exc
+        if report.sha256 != digest:
+            raise ArtifactError(
+                f"sha256 mismatch: {REPORT_FILE} records {report.sha256} but {model_path} is {digest}; "
+                "refusing to serve an artifact that is not the one that was validated"
+            )
+    return Artifact(model_path=model_path, report=report, sha256=digest)
+
+
+def choose_providers(wanted: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The configured providers this onnxruntime build offers, in the configured order."""
+    chosen = [p for p in wanted if p in available]
+    if not chosen:
+        raise ArtifactError(
+            f"none of the configured execution providers {list(wanted)} is available in this "
+            f"onnxruntime build (available: {list(available)})"
+        )
+    return chosen
+
+
+def _provider_options(provider: str, cache_dir: Path | None) -> dict[str, str]:
+    if provider == ExecutionProvider.TENSORRT.value and cache_dir is not None:
+        # Building TensorRT engines takes minutes; cache them beside nothing else the pod writes.
+        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir)}
+    return {}
+
+
+def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
+    """ORT reports dynamic dimensions as None or a symbol name; the protocol says -1."""
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def _tensor_infos(args: Sequence[Any], kind: str) -> tuple[TensorInfo, ...]:
+    infos = []
+    for arg in args:
+        datatype = ORT_TO_V2.get(arg.type)
+        if datatype is None:
+            raise ArtifactError(f"{kind} {arg.name!r} has type {arg.type}, which ptm serve does not support")
+        infos.append(TensorInfo(name=arg.name, datatype=datatype, shape=_dims(arg.shape)))
+    return tuple(infos)
+
+
+class OnnxModel:
+    """An ONNX Runtime session with its signature, provider and load facts."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        artifact: Artifact,
+        options: RuntimeOptions,
+        load_seconds: float,
+        io_binding: bool | None = None,
+    ) -> None:
+        self.session = session
+        self.artifact = artifact
+        self.options = options
+        self.load_seconds = load_seconds
+        self.provider: str = session.get_providers()[0]
+        self.inputs = _tensor_infos(session.get_inputs(), "input")
+        self.outputs = _tensor_infos(session.get_outputs(), "output")
+        self.output_names = [o.name for o in self.outputs]
+        #: Every input and output has a dynamic first axis: requests can be concatenated.
+        self.dynamic_batch = all(t.shape and t.shape[0] == -1 for t in (*self.inputs, *self.outputs))
+        self.io_binding = self.provider in _DEVICE_PROVIDERS if io_binding is None else io_binding
+        self._device = "cuda" if self.provider in _DEVICE_PROVIDERS else "cpu"
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        options: RuntimeOptions,
+        *,
+        available_providers: Sequence[str] | None = None,
+        trt_cache_dir: Path | None = None,
+    ) -> OnnxModel:
+        """Verify, load and warm up; raises ArtifactError when the artifact cannot be served."""
+        started = time.perf_counter()
+        artifact = resolve_artifact(path)
+        available = ort.get_available_providers() if available_providers is None else available_providers
+        providers = choose_providers([p.value for p in options.execution_providers], available)
+        sess_options = ort.SessionOptions()
+        sess_options.intra_op_num_threads = options.intra_op_threads
+        sess_options.inter_op_num_threads = options.inter_op_threads
+        sess_options.graph_optimization_level = _GRAPH_LEVELS[options.graph_optimization_level]
+        session: ort.InferenceSession | None = None
+        errors: list[str] = []
+        # The first provider that loads is used: a GPU provider whose libraries are missing on
+        # this node must not keep the model from serving on the next one in the list.
+        for i in range(len(providers)):
+            candidates = providers[i:]
+            try:
+                session = ort.InferenceSession(
+                    str(artifact.model_path),
+                    sess_options,
+                    providers=[(p, _provider_options(p, trt_cache_dir)) for p in candidates],
+                )
+                break
+            except Exception as exc:  # onnxruntime raises its own exception types
+                if "INVALID_PROTOBUF" in str(exc) or "InvalidProtobuf" in type(exc).__name__:
+                    raise ArtifactError(f"{artifact.model_path} is not a valid ONNX model: {exc}") from exc
+                errors.append(f"{candidates[0]}: {exc}")
+                log.warning("execution provider %s failed to load the model: %s", candidates[0], exc)
+        if session is None:
+            raise ArtifactError(f"no execution provider could load {artifact.model_path}: " + "; ".join(errors))
+        model = cls(session, artifact, options, load_seconds=time.perf_counter() - started)
+        log.info(
+            "loaded %s (sha256 %s) on %s in %.2fs", artifact.model_path, artifact.sha256, model.provider,
+            model.load_seconds,
+        )
+        return model
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session on complete feeds; returns every output by name."""
+        try:
+            if self.io_binding:
+                return self._infer_bound(feeds)
+            values = self.session.run(self.output_names, dict(feeds))
+        except Exception as exc:
+            # ONNX Runtime's InvalidArgument is a shape the model cannot take (e.g. a sequence
+            # longer than its position table): the client's fault, not the server's.
+            if type(exc).__name__ == "InvalidArgument":
+                raise InvalidInput(f"the model rejected the input: {exc}") from exc
+            raise
+        return dict(zip(self.output_names, values, strict=True))
+
+    def _infer_bound(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self.output_names:
+            binding.bind_output(name, self._device)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+
+    def sample_feeds(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """Zero inputs with dynamic dimensions set to 1 (the batch axis to `batch`)."""
+        feeds = {}
+        for t in self.inputs:
+            shape = [d if d >= 0 else 1 for d in t.shape]
+            if self.dynamic_batch:
+                shape[0] = batch
+            feeds[t.name] = np.zeros(shape, dtype=t.dtype)
+        return feeds
+
+    def warmup(self, requests: int, max_batch_size: int) -> float:
+        """Run `requests` inferences (alternating batch 1 and the largest batch); returns seconds.
+
+        A failing warm-up is logged, not fatal: zero inputs of length 1 may not suit every
+        model, and real requests still get validated and answered one by one.
+        """
+        started = time.perf_counter()
+        sizes = [1, max_batch_size] if self.dynamic_batch and max_batch_size > 1 else [1]
+        for i in range(requests):
+            try:
+                self.infer(self.sample_feeds(sizes[i % len(sizes)]))
+            except Exception as exc:
+                log.warning("warm-up inference %d failed (continuing): %s", i, exc)
+                break
+        return time.perf_counter() - started
