@@ -11,13 +11,27 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+CRD_FILE = REPO / "crds" / "ptm.dev_pretrainedmodels.yaml"
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
+    """Poll until `predicate` returns something truthy; fail naming `what` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
 class Cluster:
@@ -32,7 +46,9 @@ class Cluster:
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
-        proc: subprocess.CompletedProcess[str] = self._dev.kubectl(*args, input=input, check=False, timeout=timeout)
+        proc: subprocess.CompletedProcess[str] = self._dev.kubectl(
+            *args, input=input, check=False, timeout=timeout
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
@@ -58,6 +74,15 @@ def k8s_api(cluster: Cluster) -> Iterator[Any]:
     assert isinstance(api_client, client.ApiClient)
     yield api_client
     api_client.close()
+
+
+@pytest.fixture(scope="session")
+def crd_installed(cluster: Cluster) -> str:
+    """The generated CRD from crds/, applied server-side and Established."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    name = "pretrainedmodels.ptm.dev"
+    cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    return name
 
 
 @pytest.fixture

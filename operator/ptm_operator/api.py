@@ -21,9 +21,20 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
+from itertools import pairwise
 from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from ptm_operator import GROUP, KIND, VERSION
@@ -67,7 +78,9 @@ def rules_of(model: type[BaseModel]) -> list[tuple[str, str] | tuple[str, str, s
     if not isinstance(extra, dict):
         return []
     found: list[tuple[str, str] | tuple[str, str, str]] = []
-    for item in extra.get("x-kubernetes-validations", []):
+    rules = extra.get("x-kubernetes-validations", [])
+    assert isinstance(rules, list)
+    for item in rules:
         assert isinstance(item, dict)
         if "fieldPath" in item:
             found.append((str(item["rule"]), str(item["message"]), str(item["fieldPath"])))
@@ -82,8 +95,6 @@ def narrow(value: BaseModel, target: type[_M]) -> _M:
 
 
 def _check_quantity(value: int | str) -> int | str:
-    if isinstance(value, bool):
-        raise ValueError("a quantity is a number or a string such as 500m or 2Gi")
     if isinstance(value, int):
         if value < 0:
             raise ValueError("quantities must not be negative")
@@ -95,7 +106,7 @@ def _check_quantity(value: int | str) -> int | str:
 
 #: A resource quantity: an integer or a string such as "500m" or "2Gi" (as in Pod resources).
 Quantity = Annotated[
-    int | str,
+    StrictInt | StrictStr,
     AfterValidator(_check_quantity),
     WithJsonSchema(
         {
@@ -236,12 +247,16 @@ ResourceMap = Annotated[
 ]
 
 
+def _quantities(**amounts: int | str) -> dict[str, int | str]:
+    return dict(amounts)
+
+
 class ResourceRequirements(Options):
     """Compute resources per serving pod, as in a Pod's container resources."""
 
-    requests: ResourceMap = Field(default_factory=lambda: {"cpu": "500m", "memory": "1Gi"})
+    requests: ResourceMap = Field(default_factory=lambda: _quantities(cpu="500m", memory="1Gi"))
     """Resources the scheduler reserves (cpu, memory, nvidia.com/gpu, ...)."""
-    limits: ResourceMap = Field(default_factory=lambda: {"memory": "2Gi"})
+    limits: ResourceMap = Field(default_factory=lambda: _quantities(memory="2Gi"))
     """Upper bounds; GPUs go here (nvidia.com/gpu: 1), and the memory limit is what an
     OOMKilled remediation raises."""
 
@@ -725,7 +740,7 @@ class RolloutSpec(Options):
     @model_validator(mode="after")
     def _weights_increase(self) -> Self:
         weights = _weights(self.steps)
-        if any(b <= a for a, b in zip(weights, weights[1:], strict=False)):
+        if any(b <= a for a, b in pairwise(weights)):
             raise ValueError("setWeight must increase from step to step (e.g. 10, 50, 100)")
         return self
 

@@ -112,9 +112,13 @@ def reconcile(body: kopf.Body, patch: kopf.Patch) -> Plan:
     return result
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile")
-@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile")
-@kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile")
+#: Retry delay after an unexpected error (API conflicts, 5xx): kopf's default is a minute.
+ERROR_BACKOFF = 5.0
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile", backoff=ERROR_BACKOFF)
+@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile", backoff=ERROR_BACKOFF)
+@kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile", backoff=ERROR_BACKOFF)
 def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     result = reconcile(body, patch)
     if result.requeue_after is not None:
@@ -122,7 +126,13 @@ def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 
 
 @kopf.timer(
-    GROUP, VERSION, PLURAL, id="health", interval=settings().health_interval_seconds, initial_delay=2.0
+    GROUP,
+    VERSION,
+    PLURAL,
+    id="health",
+    interval=settings().health_interval_seconds,
+    initial_delay=2.0,
+    backoff=ERROR_BACKOFF,
 )
 def health(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     """Re-read children on a timer: pods crash, nodes vanish and Jobs end without touching the spec."""

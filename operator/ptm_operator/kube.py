@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 #: apiVersion/kind -> (path prefix, plural) for the kinds the operator manages.
 _KINDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("v1", "Pod"): ("/api/v1", "pods"),
     ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("v1", "Service"): ("/api/v1", "services"),

@@ -50,10 +50,10 @@ def load_cases() -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def case_spec(base: dict[str, Any], case: dict[str, Any]) -> dict[str, Any] | None:
     """The spec a case describes (None: the manifest has no spec)."""
-    if "spec" in case:
-        return copy.deepcopy(case["spec"])
-    merged: dict[str, Any] = _merge(base, case["patch"])
-    return merged
+    spec: dict[str, Any] | None = (
+        copy.deepcopy(case["spec"]) if "spec" in case else _merge(base, case["patch"])
+    )
+    return spec
 
 
 def manifest(name: str, spec: dict[str, Any] | None) -> dict[str, Any]:
@@ -112,7 +112,11 @@ def _not_kept(written: Any, stored: Any, path: str) -> list[str]:
     if isinstance(written, dict) and isinstance(stored, dict):
         return [p for k, v in written.items() for p in _not_kept(v, stored.get(k), f"{path}.{k}")]
     if isinstance(written, list) and isinstance(stored, list) and len(written) == len(stored):
-        return [p for i, (w, s) in enumerate(zip(written, stored, strict=True)) for p in _not_kept(w, s, f"{path}[{i}]")]
+        return [
+            p
+            for i, (w, s) in enumerate(zip(written, stored, strict=True))
+            for p in _not_kept(w, s, f"{path}[{i}]")
+        ]
     return [] if written == stored else [path]
 
 
@@ -144,7 +148,9 @@ def test_example_is_accepted(cluster: Cluster, crd: str, namespace: str, example
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_malformed_manifest_is_rejected(custom_objects: Any, shared_namespace: str, case: dict[str, Any]) -> None:
+def test_malformed_manifest_is_rejected(
+    custom_objects: Any, shared_namespace: str, case: dict[str, Any]
+) -> None:
     from kubernetes.client.exceptions import ApiException
 
     body = manifest(f"bad-{case['id']}"[:63], case_spec(BASE, case))
@@ -154,7 +160,7 @@ def test_malformed_manifest_is_rejected(custom_objects: Any, shared_namespace: s
         )
     error = raised.value
     assert error.status in (400, 422), f"expected a validation error, got {error.status}: {error.body}"
-    status = json.loads(error.body)
+    status = json.loads(str(error.body))
     message: str = status["message"]
     # The error is reported at the field (the path followed by ":" or a deeper path).
     assert re.search(rf"(^|[\s\[\"]){re.escape(case['field'])}[:.\[\"]", message), (
@@ -170,7 +176,13 @@ def test_malformed_manifest_is_rejected(custom_objects: Any, shared_namespace: s
 def test_valid_base_manifest_is_accepted(custom_objects: Any, shared_namespace: str) -> None:
     """The base every malformed case starts from is itself valid, so each rejection is the case's."""
     created = custom_objects.create_namespaced_custom_object(
-        GROUP, VERSION, shared_namespace, PLURAL, manifest("base", BASE), dry_run="All", field_validation="Strict"
+        GROUP,
+        VERSION,
+        shared_namespace,
+        PLURAL,
+        manifest("base", BASE),
+        dry_run="All",
+        field_validation="Strict",
     )
     assert created["spec"]["source"] == {**BASE["source"], **created["spec"]["source"]}
 
@@ -254,13 +266,24 @@ def test_kubectl_get_shows_printer_columns(cluster: Cluster, crd: str, namespace
             "canaryRevision": "f6e7d8c9b0",
             "currentStep": 2,
             "canaryWeight": 10,
-            "endpoint": {"rest": f"http://{name}.{namespace}.svc:8080", "grpc": f"{name}.{namespace}.svc:8081"},
+            "endpoint": {
+                "rest": f"http://{name}.{namespace}.svc:8080",
+                "grpc": f"{name}.{namespace}.svc:8081",
+            },
             "replicas": 3,
             "readyReplicas": 2,
         }
     }
     cluster.kubectl(
-        "patch", "ptm", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(status)
+        "patch",
+        "ptm",
+        name,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
     )
 
     table = cluster.kubectl("get", "ptm", "-n", namespace).stdout.splitlines()

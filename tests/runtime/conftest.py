@@ -32,9 +32,21 @@ class ServeProcess:
         self.ports_file = workdir / f"ports-{time.monotonic_ns()}.json"
         self.log_path = self.ports_file.with_suffix(".log")
         cmd = [
-            sys.executable, "-m", "ptm_runtime.serve.cli", str(model),
-            "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
-            "--ports-file", str(self.ports_file), "--log-level", "warning", *args,
+            sys.executable,
+            "-m",
+            "ptm_runtime.serve.cli",
+            str(model),
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--ports-file",
+            str(self.ports_file),
+            "--log-level",
+            "warning",
+            *args,
         ]
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(

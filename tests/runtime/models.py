@@ -76,7 +76,7 @@ def fixed(path: Path) -> Path:
 
 
 def slow(path: Path, size: int = 1024, depth: int = 12) -> Path:
-    """x FP32 [b,4] -> y = x + mean(chain of `depth` size×size matmuls scaled by mean(x)) [b,4].
+    """x FP32 [b,4] -> y = x + mean(chain of `depth` size x size matmuls scaled by mean(x)) [b,4].
 
     The chain depends on the input (ONNX Runtime cannot fold it away), so every call costs the
     same fixed compute whatever the batch: a model slow enough to fill queues on purpose.

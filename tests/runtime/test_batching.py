@@ -38,7 +38,12 @@ def test_concurrent_mixed_sizes_are_merged_and_split_exactly(linear: OnnxModel) 
 
     async def main() -> list[tuple[dict[str, np.ndarray], int]]:
         batcher = Batcher(
-            linear.infer, max_batch_size=16, max_queue_delay_ms=50, max_queue_size=64, batching=True, metrics=metrics
+            linear.infer,
+            max_batch_size=16,
+            max_queue_delay_ms=50,
+            max_queue_size=64,
+            batching=True,
+            metrics=metrics,
         )
         batcher.start()
         sizes = [1, 3, 2, 5, 1, 4]
@@ -64,7 +69,9 @@ def test_batches_respect_max_rows_and_signature(tmp_path: Path) -> None:
     model = OnnxModel.load(models.ragged(tmp_path / "ragged.onnx"), RuntimeOptions())
 
     async def main() -> list[int]:
-        batcher = Batcher(model.infer, max_batch_size=4, max_queue_delay_ms=30, max_queue_size=64, batching=True)
+        batcher = Batcher(
+            model.infer, max_batch_size=4, max_queue_delay_ms=30, max_queue_size=64, batching=True
+        )
         batcher.start()
         jobs = []
         for i in range(6):
@@ -84,7 +91,9 @@ def test_batches_respect_max_rows_and_signature(tmp_path: Path) -> None:
 
 def test_full_queue_refuses_at_once_and_drain_finishes_queued_work(slow: OnnxModel) -> None:
     async def main() -> None:
-        batcher = Batcher(slow.infer, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2, batching=False)
+        batcher = Batcher(
+            slow.infer, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2, batching=False
+        )
         batcher.start()
         x = {"x": np.ones((1, 4), np.float32)}
         first = asyncio.ensure_future(batcher.submit(x, 1, (), timeout=30))
@@ -106,7 +115,9 @@ def test_full_queue_refuses_at_once_and_drain_finishes_queued_work(slow: OnnxMod
 
 def test_deadline_expires_in_the_queue(slow: OnnxModel) -> None:
     async def main() -> None:
-        batcher = Batcher(slow.infer, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=8, batching=False)
+        batcher = Batcher(
+            slow.infer, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=8, batching=False
+        )
         batcher.start()
         x = {"x": np.ones((1, 4), np.float32)}
         busy = asyncio.ensure_future(batcher.submit(x, 1, (), timeout=30))

@@ -36,7 +36,7 @@ def test_artifact_directory_is_verified(tmp_path: Path) -> None:
 
 def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
     _artifact(tmp_path, sha256="0" * 64)
-    with pytest.raises(ArtifactError, match="sha256 mismatch: report.json records 0{64}"):
+    with pytest.raises(ArtifactError, match=r"sha256 mismatch: report\.json records 0{64}"):
         resolve_artifact(tmp_path)
     # Passing model.onnx itself does not dodge the report beside it.
     with pytest.raises(ArtifactError, match="sha256 mismatch"):
@@ -45,7 +45,7 @@ def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
 
 def test_directory_without_report_is_refused(tmp_path: Path) -> None:
     models.linear(tmp_path / MODEL_FILE)
-    with pytest.raises(ArtifactError, match="has no report.json"):
+    with pytest.raises(ArtifactError, match=r"has no report\.json"):
         resolve_artifact(tmp_path)
     with pytest.raises(ArtifactError, match="no such artifact"):
         resolve_artifact(tmp_path / "missing.onnx")
@@ -73,9 +73,15 @@ def test_inference_equals_plain_onnxruntime_with_and_without_io_binding(tmp_path
     model = OnnxModel.load(path, RuntimeOptions())
     assert model.provider == "CPUExecutionProvider"
     assert model.dynamic_batch
-    assert [(t.name, t.datatype, t.shape) for t in model.inputs] == [("x", "FP32", (-1, 4)), ("k", "INT64", (-1, 2))]
+    assert [(t.name, t.datatype, t.shape) for t in model.inputs] == [
+        ("x", "FP32", (-1, 4)),
+        ("k", "INT64", (-1, 2)),
+    ]
     rng = np.random.default_rng(1)
-    feeds = {"x": rng.standard_normal((5, 4)).astype(np.float32), "k": rng.integers(-9, 9, (5, 2))}
+    feeds: dict[str, np.ndarray] = {
+        "x": rng.standard_normal((5, 4)).astype(np.float32),
+        "k": rng.integers(-9, 9, (5, 2)),
+    }
     plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
     got = model.infer(feeds)
     np.testing.assert_array_equal(got["y"], plain[0])

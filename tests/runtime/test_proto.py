@@ -10,10 +10,20 @@ from typing import Any
 from ptm_runtime.serve.protogen import stale_files
 
 MESSAGES = [
-    "ServerLiveRequest", "ServerLiveResponse", "ServerReadyRequest", "ServerReadyResponse",
-    "ModelReadyRequest", "ModelReadyResponse", "ServerMetadataRequest", "ServerMetadataResponse",
-    "ModelMetadataRequest", "ModelMetadataResponse", "InferParameter", "InferTensorContents",
-    "ModelInferRequest", "ModelInferResponse",
+    "ServerLiveRequest",
+    "ServerLiveResponse",
+    "ServerReadyRequest",
+    "ServerReadyResponse",
+    "ModelReadyRequest",
+    "ModelReadyResponse",
+    "ServerMetadataRequest",
+    "ServerMetadataResponse",
+    "ModelMetadataRequest",
+    "ModelMetadataResponse",
+    "InferParameter",
+    "InferTensorContents",
+    "ModelInferRequest",
+    "ModelInferResponse",
 ]
 METHODS = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"]
 
@@ -38,7 +48,11 @@ print(json.dumps({
 
 def _describe(module: str) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-c", _DUMP, module, ",".join(MESSAGES)], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", _DUMP, module, ",".join(MESSAGES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     result: dict[str, Any] = json.loads(out.stdout)
     return result

@@ -26,7 +26,9 @@ def _body(doc: dict[str, Any], binary: bytes = b"") -> tuple[bytes, int | None]:
 
 def test_json_request_nested_or_flat() -> None:
     for data in ([1, 2, 3, 4, 5, 6], [[1, 2, 3], [4, 5, 6]]):
-        body, n = _body({"id": "r1", "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "data": data}]})
+        body, n = _body(
+            {"id": "r1", "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "data": data}]}
+        )
         request, binary = parse_infer_request(body, n, MAX_ELEMENTS)
         assert request.id == "r1" and binary is False
         np.testing.assert_array_equal(request.inputs[0].data, np.arange(1, 7, dtype=np.float32).reshape(2, 3))
@@ -55,28 +57,111 @@ def test_binary_inputs_and_output_flags() -> None:
     ("doc", "binary", "header", "message"),
     [
         ({"inputs": []}, b"", None, "non-empty 'inputs'"),
-        ({"inputs": [{"name": "x", "datatype": "FP99", "shape": [1], "data": [1]}]}, b"", None, "'FP99' is not supported"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1]}]}, b"", None, "1 data elements, but shape"),
-        ({"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [1.5]}]}, b"", None, "must not contain number"),
-        ({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [300]}]}, b"", None, "outside the UINT8 range"),
-        ({"inputs": [{"name": "x", "datatype": "BOOL", "shape": [1], "data": [1]}]}, b"", None, "must not contain integer"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [True]}]}, b"", None, "must not contain BOOL"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ["a"]}]}, b"", None, "non-numeric"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3]]}]}, b"", None, "ragged"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1]}]}, b"", None, "non-negative"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1 << 20, 1 << 20], "data": []}]}, b"", None, "more than"),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP99", "shape": [1], "data": [1]}]},
+            b"",
+            None,
+            "'FP99' is not supported",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1]}]},
+            b"",
+            None,
+            "1 data elements, but shape",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [1.5]}]},
+            b"",
+            None,
+            "must not contain number",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [300]}]},
+            b"",
+            None,
+            "outside the UINT8 range",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "BOOL", "shape": [1], "data": [1]}]},
+            b"",
+            None,
+            "must not contain integer",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [True]}]},
+            b"",
+            None,
+            "must not contain BOOL",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ["a"]}]},
+            b"",
+            None,
+            "values that are not numbers",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3]]}]},
+            b"",
+            None,
+            "ragged",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1]}]},
+            b"",
+            None,
+            "non-negative",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1 << 20, 1 << 20], "data": []}]},
+            b"",
+            None,
+            "more than",
+        ),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}, b"", None, "neither 'data' nor"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}}]},
-         b"\0" * 4, 0, "only 4 bytes of binary data remain"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 4}}]},
-         b"\0" * 4, 0, "4 bytes of data, but shape"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}]},
-         b"\0" * 8, 0, "4 bytes of binary data follow the JSON header but no input claims them"),
-        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], "outputs": [{"name": "y",
-          "parameters": {"classification": 3}}]}, b"", None, "classification extension"),
+        (
+            {
+                "inputs": [
+                    {"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}}
+                ]
+            },
+            b"\0" * 4,
+            0,
+            "only 4 bytes of binary data remain",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 4}}
+                ]
+            },
+            b"\0" * 4,
+            0,
+            "4 bytes of data, but shape",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}
+                ]
+            },
+            b"\0" * 8,
+            0,
+            "4 bytes of binary data follow the JSON header but no input claims them",
+        ),
+        (
+            {
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+                "outputs": [{"name": "y", "parameters": {"classification": 3}}],
+            },
+            b"",
+            None,
+            "classification extension",
+        ),
     ],
 )
-def test_bad_requests_name_the_problem(doc: dict[str, Any], binary: bytes, header: int | None, message: str) -> None:
+def test_bad_requests_name_the_problem(
+    doc: dict[str, Any], binary: bytes, header: int | None, message: str
+) -> None:
     body, n = _body(doc, binary)
     if header is not None:
         n = len(body) - len(binary)
@@ -88,7 +173,9 @@ def test_garbage_and_nan_literals_are_refused() -> None:
     with pytest.raises(InvalidInput, match="not valid JSON"):
         parse_infer_request(b"{nope", None, MAX_ELEMENTS)
     with pytest.raises(InvalidInput, match="NaN, which is not valid JSON"):
-        parse_infer_request(b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[NaN]}]}', None, MAX_ELEMENTS)
+        parse_infer_request(
+            b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[NaN]}]}', None, MAX_ELEMENTS
+        )
     with pytest.raises(InvalidInput, match="nested too deeply"):
         parse_infer_request(b"[" * 100000, None, MAX_ELEMENTS)
     with pytest.raises(InvalidInput, match="Inference-Header-Content-Length is 99"):
@@ -115,7 +202,9 @@ def test_response_json_binary_and_non_finite() -> None:
 
 def test_array_from_list_accepts_ints_for_floats_and_checks_ranges() -> None:
     assert array_from_list("x", "FP16", (2,), [1, 2.5]).dtype == np.float16
-    np.testing.assert_array_equal(array_from_list("x", "INT8", (2,), [-128, 127]), np.array([-128, 127], np.int8))
+    np.testing.assert_array_equal(
+        array_from_list("x", "INT8", (2,), [-128, 127]), np.array([-128, 127], np.int8)
+    )
     np.testing.assert_array_equal(array_from_list("x", "BOOL", (1, 2), [[True, False]]), [[True, False]])
 
 
@@ -123,16 +212,22 @@ def test_array_from_list_accepts_ints_for_floats_and_checks_ranges() -> None:
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
-_datatypes = st.sampled_from(["BOOL", "INT8", "INT32", "INT64", "UINT8", "FP16", "FP32", "FP64", "BYTES", "", "fp32"])
+_datatypes = st.sampled_from(
+    ["BOOL", "INT8", "INT32", "INT64", "UINT8", "FP16", "FP32", "FP64", "BYTES", "", "fp32"]
+)
 _shapes = st.lists(st.integers(min_value=-2, max_value=6), max_size=4) | _json_values
 _inputs = st.fixed_dictionaries(
     {"name": st.text(max_size=4) | _json_values, "datatype": _datatypes, "shape": _shapes},
     optional={
         "data": _json_values | st.lists(st.integers(-300, 300) | st.floats(allow_nan=False), max_size=40),
-        "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-4, 64) | _json_values}),
+        "parameters": st.fixed_dictionaries(
+            {}, optional={"binary_data_size": st.integers(-4, 64) | _json_values}
+        ),
     },
 )
 _docs = st.fixed_dictionaries(
@@ -153,7 +248,9 @@ def _check(body: bytes, header: int | None) -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=_docs, binary=st.binary(max_size=64), split=st.integers(-2, 200) | st.none())
-def test_structured_requests_never_escape_invalid_input(doc: dict[str, Any], binary: bytes, split: int | None) -> None:
+def test_structured_requests_never_escape_invalid_input(
+    doc: dict[str, Any], binary: bytes, split: int | None
+) -> None:
     header = json.dumps(doc).encode()
     if split is None:
         _check(header, None)
@@ -170,7 +267,16 @@ def test_arbitrary_bytes_never_escape_invalid_input(body: bytes, header: int | N
 
 def test_binary_size_mismatch_of_every_datatype() -> None:
     for datatype, size in [("FP64", 8), ("FP16", 2), ("INT16", 2), ("UINT64", 8), ("BOOL", 1)]:
-        doc = {"inputs": [{"name": "x", "datatype": datatype, "shape": [3], "parameters": {"binary_data_size": 2 * size}}]}
+        doc = {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": datatype,
+                    "shape": [3],
+                    "parameters": {"binary_data_size": 2 * size},
+                }
+            ]
+        }
         body, n = _body(doc, struct.pack("<" + "x" * 2 * size))
         with pytest.raises(InvalidInput, match=f"needs {3 * size}"):
             parse_infer_request(body, n, MAX_ELEMENTS)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ptm_operator import GROUP, KIND, VERSION
 from ptm_operator.api import (
@@ -146,8 +146,10 @@ def test_base_spec_of_the_case_table_is_valid() -> None:
 
 
 def test_wrong_kind_is_rejected() -> None:
-    with pytest.raises(ValidationError, match="expected ptm.dev/v1alpha1 PretrainedModel"):
-        PretrainedModel.from_body({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": MINIMAL})
+    with pytest.raises(ValidationError, match=r"expected ptm\.dev/v1alpha1 PretrainedModel"):
+        PretrainedModel.from_body(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": MINIMAL}
+        )
 
 
 @pytest.mark.parametrize(
@@ -186,8 +188,19 @@ def test_duration_seconds_rejects_bad_durations(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("value", "ok"),
-    [(1, True), (0, True), ("500m", True), ("2Gi", True), ("1.5", True), ("1e3", True), (-1, False),
-     ("-1", False), ("lots", False), ("2 Gi", False), (True, False)],
+    [
+        (1, True),
+        (0, True),
+        ("500m", True),
+        ("2Gi", True),
+        ("1.5", True),
+        ("1e3", True),
+        (-1, False),
+        ("-1", False),
+        ("lots", False),
+        ("2 Gi", False),
+        (True, False),
+    ],
 )
 def test_quantities(value: Any, ok: bool) -> None:
     if ok:
@@ -213,7 +226,7 @@ def test_gpu_count(resources: dict[str, Any], gpus: int) -> None:
 
 @pytest.mark.parametrize("amount", ["0.5", "1500m", "1Gi"])
 def test_gpus_must_be_whole(amount: str) -> None:
-    with pytest.raises(ValidationError, match="nvidia.com/gpu must be a whole"):
+    with pytest.raises(ValidationError, match=r"nvidia\.com/gpu must be a whole"):
         ResourceRequirements.model_validate({"limits": {"nvidia.com/gpu": amount}})
 
 
@@ -236,7 +249,9 @@ def test_scale_to_zero_with_keda_is_allowed() -> None:
 
 
 def test_composed_specs_narrow_to_the_runtime_options() -> None:
-    serving = ServingSpec.model_validate({"replicas": 3, "batching": {"maxBatchSize": 32}, "intraOpThreads": 2})
+    serving = ServingSpec.model_validate(
+        {"replicas": 3, "batching": {"maxBatchSize": 32}, "intraOpThreads": 2}
+    )
     runtime = serving.runtime_options()
     assert type(runtime) is RuntimeOptions
     assert runtime.batching.max_batch_size == 32
@@ -244,7 +259,12 @@ def test_composed_specs_narrow_to_the_runtime_options() -> None:
     assert "replicas" not in runtime.wire()
 
     source = SourceSpec.model_validate(
-        {"uri": "s3://b/k.pt", "format": "pytorch-state-dict", "architecture": "m:f", "credentialsSecretRef": {"name": "s"}}
+        {
+            "uri": "s3://b/k.pt",
+            "format": "pytorch-state-dict",
+            "architecture": "m:f",
+            "credentialsSecretRef": {"name": "s"},
+        }
     ).source_options()
     assert type(source) is SourceOptions
     assert source.format is SourceFormat.PYTORCH_STATE_DICT
@@ -257,13 +277,22 @@ def test_composed_specs_narrow_to_the_runtime_options() -> None:
 
 def test_no_field_is_declared_twice() -> None:
     """Composed specs add operator fields; they never redeclare a runtime option."""
-    for composed, base in [(ServingSpec, RuntimeOptions), (SourceSpec, SourceOptions), (ConversionSpec, ConversionOptions)]:
+    pairs: list[tuple[type[BaseModel], type[BaseModel]]] = [
+        (ServingSpec, RuntimeOptions),
+        (SourceSpec, SourceOptions),
+        (ConversionSpec, ConversionOptions),
+    ]
+    for composed, base in pairs:
         added = set(composed.__annotations__)
         assert not added & set(base.model_fields), (composed.__name__, added & set(base.model_fields))
 
 
 def test_subclasses_keep_the_rules_of_the_options_they_extend() -> None:
-    for composed, base in [(ServingSpec, RuntimeOptions), (SourceSpec, SourceOptions)]:
+    pairs: list[tuple[type[BaseModel], type[BaseModel]]] = [
+        (ServingSpec, RuntimeOptions),
+        (SourceSpec, SourceOptions),
+    ]
+    for composed, base in pairs:
         inherited = rules_of(base)
         assert all(rule in rules_of(composed) for rule in inherited)
     assert any("architecture" in r[0] for r in rules_of(SourceSpec))
@@ -273,9 +302,21 @@ def test_status_round_trip_ignores_unknown_fields() -> None:
     wire = {
         "observedGeneration": 3,
         "conditions": [
-            {"type": "Ready", "status": "True", "reason": "Serving", "lastTransitionTime": "2025-01-01T00:00:00Z"}
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Serving",
+                "lastTransitionTime": "2025-01-01T00:00:00Z",
+            }
         ],
-        "revisions": [{"revision": "abc", "state": "Stable", "precision": "fp16", "metrics": {"cosineSimilarity": 0.999}}],
+        "revisions": [
+            {
+                "revision": "abc",
+                "state": "Stable",
+                "precision": "fp16",
+                "metrics": {"cosineSimilarity": 0.999},
+            }
+        ],
         "stableRevision": "abc",
         "somethingNewer": {"x": 1},
     }
@@ -290,7 +331,12 @@ def test_status_round_trip_ignores_unknown_fields() -> None:
 
 
 def test_promote_annotation() -> None:
-    body: dict[str, Any] = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "m"}, "spec": MINIMAL}
+    body: dict[str, Any] = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": "m"},
+        "spec": MINIMAL,
+    }
     assert not PretrainedModel.from_body(body).promote_requested
     body["metadata"]["annotations"] = {PROMOTE_ANNOTATION: "true"}
     assert PretrainedModel.from_body(body).promote_requested

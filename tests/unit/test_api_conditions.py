@@ -67,8 +67,12 @@ def test_set_condition_replaces_in_place_and_does_not_mutate_its_input() -> None
     assert before == snapshot
 
 
-@pytest.mark.parametrize(("value", "status"), [(True, S.TRUE), (False, S.FALSE), ("Unknown", S.UNKNOWN), (S.TRUE, S.TRUE)])
-def test_status_accepts_bools_and_strings(value: bool | str | ConditionStatus, status: ConditionStatus) -> None:
+@pytest.mark.parametrize(
+    ("value", "status"), [(True, S.TRUE), (False, S.FALSE), ("Unknown", S.UNKNOWN), (S.TRUE, S.TRUE)]
+)
+def test_status_accepts_bools_and_strings(
+    value: bool | str | ConditionStatus, status: ConditionStatus
+) -> None:
     assert set_condition([], "Custom", value, "Why", now=T0)[0].status is status
 
 
@@ -101,12 +105,21 @@ def test_lookups() -> None:
             "ValidationFailed",
             "Validated",
         ),
-        ([(C.AVAILABLE, S.FALSE, "PodsPending"), (C.DEGRADED, S.TRUE, "Unschedulable")], S.FALSE, "PodsPending", "Available"),
+        (
+            [(C.AVAILABLE, S.FALSE, "PodsPending"), (C.DEGRADED, S.TRUE, "Unschedulable")],
+            S.FALSE,
+            "PodsPending",
+            "Available",
+        ),
         ([(C.DEGRADED, S.TRUE, "CrashLoop")], S.FALSE, "CrashLoop", "Degraded"),
         ([(C.AVAILABLE, S.TRUE, "Serving")], S.TRUE, "Serving", "Available is True"),
         # A failed update while the old revision serves: still Ready, and the message says why not all is well.
         (
-            [(C.AVAILABLE, S.TRUE, "Serving"), (C.VALIDATED, S.FALSE, "ValidationFailed"), (C.DEGRADED, S.TRUE, "UpdateFailed")],
+            [
+                (C.AVAILABLE, S.TRUE, "Serving"),
+                (C.VALIDATED, S.FALSE, "ValidationFailed"),
+                (C.DEGRADED, S.TRUE, "UpdateFailed"),
+            ],
             S.TRUE,
             "Serving",
             "Degraded: Degraded is True",
@@ -120,7 +133,10 @@ def test_lookups() -> None:
     ],
 )
 def test_ready_summary(
-    items: list[tuple[ConditionType, ConditionStatus, str]], status: ConditionStatus, reason: str, message_part: str
+    items: list[tuple[ConditionType, ConditionStatus, str]],
+    status: ConditionStatus,
+    reason: str,
+    message_part: str,
 ) -> None:
     got_status, got_reason, message = ready_summary(conds(*items))
     assert (got_status, got_reason) == (status, reason)
@@ -134,7 +150,9 @@ def test_with_ready_sets_ready_and_keeps_its_transition_time() -> None:
     assert ready is not None and ready.status is S.TRUE and ready.last_transition_time == T0
 
     # Progressing starts: Ready stays True, so its transition time stays.
-    second = with_ready(set_condition(first, C.PROGRESSING, True, "CanaryStep", now=T1), observed_generation=2, now=T1)
+    second = with_ready(
+        set_condition(first, C.PROGRESSING, True, "CanaryStep", now=T1), observed_generation=2, now=T1
+    )
     ready = get_condition(second, C.READY)
     assert ready is not None and ready.last_transition_time == T0 and ready.observed_generation == 2
 

@@ -11,17 +11,50 @@ import yaml
 
 from ptm_operator import GROUP, KIND, PLURAL, VERSION
 from ptm_operator.cli import main as ptm_main
-from ptm_operator.crdgen import CHART_CRD_FILE, CRD_FILE, OUTPUTS, crd, main, openapi_schema, render, stale, structural, write
+from ptm_operator.crdgen import (
+    CHART_CRD_FILE,
+    CRD_FILE,
+    OUTPUTS,
+    crd,
+    main,
+    openapi_schema,
+    render,
+    stale,
+    structural,
+    write,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
 #: Keys a structural schema node may carry (OpenAPI v3 subset + Kubernetes extensions).
 ALLOWED_KEYS = {
-    "description", "type", "format", "enum", "default", "nullable", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems", "minProperties",
-    "maxProperties", "items", "properties", "required", "additionalProperties", "anyOf",
-    "x-kubernetes-validations", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
-    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string",
+    "description",
+    "type",
+    "format",
+    "enum",
+    "default",
+    "nullable",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
+    "items",
+    "properties",
+    "required",
+    "additionalProperties",
+    "anyOf",
+    "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-int-or-string",
 }
 
 
@@ -65,22 +98,55 @@ def test_crd_identity() -> None:
     assert columns == ["Ready", "Revision", "Precision", "Canary", "Endpoint", "Age"]
 
 
-@pytest.mark.parametrize(("path", "node"), list(walk(SCHEMA)), ids=lambda v: v if isinstance(v, str) else "")
-def test_every_node_is_structural(path: str, node: dict[str, Any]) -> None:
-    assert set(node) <= ALLOWED_KEYS, f"{path}: unexpected {set(node) - ALLOWED_KEYS}"
+def structural_problems(path: str, node: dict[str, Any]) -> list[str]:
+    problems = [f"{path}: unexpected {key}" for key in sorted(set(node) - ALLOWED_KEYS)]
     if node.get("x-kubernetes-int-or-string"):
-        assert "type" not in node
-    else:
-        assert node.get("type") in {"object", "array", "string", "integer", "number", "boolean"}, path
-    for bound in ("exclusiveMinimum", "exclusiveMaximum"):
-        if bound in node:
-            assert node[bound] is True, f"{path}: OpenAPI v3 {bound} is a boolean"
-    if node.get("type") == "object" and path and path != ".metadata":
-        assert "properties" in node or "additionalProperties" in node or node.get(
-            "x-kubernetes-preserve-unknown-fields"
-        ), path
-    for rule in node.get("x-kubernetes-validations", []):
-        assert set(rule) <= {"rule", "message", "fieldPath"} and rule["message"], path
+        if "type" in node:
+            problems.append(f"{path}: int-or-string has no type")
+    elif node.get("type") not in {"object", "array", "string", "integer", "number", "boolean"}:
+        problems.append(f"{path}: no type")
+    problems += [
+        f"{path}: OpenAPI v3 {bound} is a boolean"
+        for bound in ("exclusiveMinimum", "exclusiveMaximum")
+        if bound in node and node[bound] is not True
+    ]
+    if (
+        node.get("type") == "object"
+        and path not in {"", ".metadata"}
+        and not (
+            "properties" in node
+            or "additionalProperties" in node
+            or node.get("x-kubernetes-preserve-unknown-fields")
+        )
+    ):
+        problems.append(f"{path}: object without properties")
+    problems += [
+        f"{path}: malformed rule {rule}"
+        for rule in node.get("x-kubernetes-validations", [])
+        if not (set(rule) <= {"rule", "message", "fieldPath"} and rule.get("message"))
+    ]
+    return problems
+
+
+def test_every_node_is_structural() -> None:
+    nodes = list(walk(SCHEMA))
+    assert len(nodes) > 100
+    assert [p for path, node in nodes for p in structural_problems(path, node)] == []
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"properties": {}},
+        {"type": "object"},
+        {"type": "number", "exclusiveMinimum": 0},
+        {"type": "string", "title": "T"},
+        {"type": "string", "x-kubernetes-int-or-string": True},
+        {"type": "object", "properties": {}, "x-kubernetes-validations": [{"rule": "true"}]},
+    ],
+)
+def test_structural_check_catches_problems(node: dict[str, Any]) -> None:
+    assert structural_problems(".x", node) != []
 
 
 def test_every_spec_and_status_field_is_described() -> None:
@@ -136,7 +202,10 @@ def test_status_has_no_defaults_and_conditions_are_a_map() -> None:
     assert set(conditions["items"]["required"]) >= {"type", "status", "reason", "lastTransitionTime"}
     assert conditions["items"]["properties"]["lastTransitionTime"]["format"] == "date-time"
     revisions = STATUS["properties"]["revisions"]
-    assert (revisions["x-kubernetes-list-type"], revisions["x-kubernetes-list-map-keys"]) == ("map", ["revision"])
+    assert (revisions["x-kubernetes-list-type"], revisions["x-kubernetes-list-map-keys"]) == (
+        "map",
+        ["revision"],
+    )
 
 
 @pytest.mark.parametrize(
@@ -182,19 +251,49 @@ def test_free_form_objects_preserve_unknown_fields() -> None:
     ("given", "expected"),
     [
         ({"anyOf": [{"type": "string"}, {"type": "null"}], "default": None}, {"type": "string"}),
-        ({"anyOf": [{"$ref": "#/$defs/E"}, {"type": "null"}], "description": "d"}, {"description": "d", "type": "string", "enum": ["a"]}),
-        ({"$ref": "#/$defs/E", "default": "a", "description": "site"}, {"description": "site", "type": "string", "enum": ["a"], "default": "a"}),
+        (
+            {"anyOf": [{"$ref": "#/$defs/E"}, {"type": "null"}], "description": "d"},
+            {"description": "d", "type": "string", "enum": ["a"]},
+        ),
+        (
+            {"$ref": "#/$defs/E", "default": "a", "description": "site"},
+            {"description": "site", "type": "string", "enum": ["a"], "default": "a"},
+        ),
         ({"allOf": [{"$ref": "#/$defs/E"}]}, {"description": "An enum.", "type": "string", "enum": ["a"]}),
         ({"const": "x", "type": "string"}, {"type": "string", "enum": ["x"]}),
-        ({"type": "object", "additionalProperties": True}, {"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
-        ({"type": "object", "properties": {"a": {"type": "string", "title": "A"}}, "additionalProperties": False, "title": "T"},
-         {"type": "object", "properties": {"a": {"type": "string"}}}),
-        ({"type": "object", "additionalProperties": {"type": "string"}, "maxLength": 4},
-         {"type": "object", "maxProperties": 4, "additionalProperties": {"type": "string"}}),
-        ({"type": "number", "exclusiveMinimum": 1}, {"type": "number", "minimum": 1, "exclusiveMinimum": True}),
-        ({"type": "number", "exclusiveMaximum": 2}, {"type": "number", "maximum": 2, "exclusiveMaximum": True}),
-        ({"type": "string", "description": "one\n    line\n\nnext"}, {"description": "one line\n\nnext", "type": "string"}),
-        ({"type": "array", "items": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}, {"type": "array", "items": {"type": "integer"}}),
+        (
+            {"type": "object", "additionalProperties": True},
+            {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        ),
+        (
+            {
+                "type": "object",
+                "properties": {"a": {"type": "string", "title": "A"}},
+                "additionalProperties": False,
+                "title": "T",
+            },
+            {"type": "object", "properties": {"a": {"type": "string"}}},
+        ),
+        (
+            {"type": "object", "additionalProperties": {"type": "string"}, "maxLength": 4},
+            {"type": "object", "maxProperties": 4, "additionalProperties": {"type": "string"}},
+        ),
+        (
+            {"type": "number", "exclusiveMinimum": 1},
+            {"type": "number", "minimum": 1, "exclusiveMinimum": True},
+        ),
+        (
+            {"type": "number", "exclusiveMaximum": 2},
+            {"type": "number", "maximum": 2, "exclusiveMaximum": True},
+        ),
+        (
+            {"type": "string", "description": "one\n    line\n\nnext"},
+            {"description": "one line\n\nnext", "type": "string"},
+        ),
+        (
+            {"type": "array", "items": {"anyOf": [{"type": "integer"}, {"type": "null"}]}},
+            {"type": "array", "items": {"type": "integer"}},
+        ),
     ],
 )
 def test_structural_translation(given: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -204,7 +303,10 @@ def test_structural_translation(given: dict[str, Any], expected: dict[str, Any])
 
 def test_status_defaults_are_dropped_on_request() -> None:
     node = {"type": "object", "properties": {"a": {"type": "integer", "default": 3}}}
-    assert structural(node, {}, keep_defaults=False) == {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert structural(node, {}, keep_defaults=False) == {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+    }
 
 
 def test_write_and_check(tmp_path: Path) -> None:

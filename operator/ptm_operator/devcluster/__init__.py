@@ -168,6 +168,7 @@ class DevCluster:
         self.pids = d / "pids"
         self.kubeconfig = d / "admin.kubeconfig"
         self.server = f"https://127.0.0.1:{self.config.apiserver_port}"
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     # --- binaries ----------------------------------------------------------------------------
 
@@ -211,6 +212,7 @@ class DevCluster:
             cwd=self.config.directory,
         )
         log.close()
+        self._children[name] = proc
         (self.pids / f"{name}.pid").write_text(str(proc.pid))
 
     def _stop(self, name: str, timeout: float = 15.0) -> None:
@@ -251,9 +253,10 @@ class DevCluster:
         while time.monotonic() < deadline:
             if check():
                 return
-            if not self.running(log):
+            child = self._children.get(log)
+            if child is not None and child.poll() is not None:
                 raise ClusterError(
-                    f"{log} exited while waiting for {what}; last log lines:\n{self.tail(log)}"
+                    f"{log} exited ({child.returncode}) while waiting for {what}; last log lines:\n{self.tail(log)}"
                 )
             time.sleep(0.2)
         raise ClusterError(
@@ -358,6 +361,7 @@ class DevCluster:
             [
                 f"--kubeconfig={c.directory / 'kwok.kubeconfig'}",
                 f"--config={KWOK_STAGES}",
+                "--node-lease-duration-seconds=40",  # heartbeats, or the node controller marks nodes NotReady
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
                 f"--server-address=127.0.0.1:{c.kwok_port}",

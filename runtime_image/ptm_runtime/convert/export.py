@@ -78,7 +78,7 @@ def export(source: Source, example: samples.Batch, conversion: ConversionOptions
             _check_runs(out, source, example, reference, conversion.dynamic_batch)
         except Exception as exc:  # exporters raise many unrelated types; the next one gets a turn
             errors.append(f"{exporter}: {_first_lines(exc)}")
-            log.info("the %s exporter did not produce a usable model: %s", exporter, exc)
+            log.info("the %s exporter did not produce a usable model: %s", exporter, errors[-1])
             out.unlink(missing_ok=True)
             continue
         inputs, outputs = onnx_inputs_outputs(model)
@@ -127,7 +127,8 @@ def _export_dynamo(
             source.program, args, input_names=names, output_names=output_names, opset_version=opset, dynamo=True
         )
     else:
-        shapes = tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic[name]} or None for name in names)
+        # FlatOutputs.forward(*args): torch.export sees one parameter holding the tuple
+        shapes = (tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic[name]} or None for name in names),)
         program = torch.onnx.export(
             source.module,
             args,
@@ -158,8 +159,11 @@ def _export_torchscript(
             wanted.add(0)
         if wanted:
             axes[name] = {a: ("batch" if a == 0 else f"{name}_{a}") for a in sorted(wanted)}
+    inner = getattr(source.module, "inner", None)
+    # a ScriptModule is a graph already: export it as is (tracing through it is not supported)
+    model = inner if isinstance(inner, torch.jit.ScriptModule) else source.module
     torch.onnx.export(
-        source.module,
+        model,
         _tensors(source, example),
         str(out),
         input_names=[s.name for s in source.inputs],
@@ -198,6 +202,10 @@ def _check_runs(
 
 def _first_lines(exc: BaseException, limit: int = 600) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
+    # the dynamo exporter puts boilerplate first and the cause under this heading
+    _, found, cause = text.partition("## Exception summary")
+    if found:
+        text = cause.strip()
     lines = [line for line in text.splitlines() if line.strip()]
     short = " ".join(lines[:4])
     return short if len(short) <= limit else short[: limit - 3] + "..."

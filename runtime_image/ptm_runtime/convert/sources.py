@@ -131,7 +131,7 @@ def _flatten(out: Any, name: str) -> list[tuple[str, Any]]:
     return []
 
 
-def load(path: Path, options: SourceOptions, workdir: Path) -> Source:
+def load(path: Path, options: SourceOptions, workdir: Path, opset: int = 18) -> Source:
     """Load the checkpoint at `path` according to `options.format`."""
     fmt = options.format
     if fmt is SourceFormat.PYTORCH_STATE_DICT:
@@ -145,7 +145,7 @@ def load(path: Path, options: SourceOptions, workdir: Path) -> Source:
     if fmt is SourceFormat.ONNX:
         return _onnx(path, options, exporter="passthrough")
     if fmt is SourceFormat.TENSORFLOW_SAVEDMODEL:
-        return _tensorflow(path, options, workdir)
+        return _tensorflow(path, options, workdir, opset)
     raise InvalidSpec(f"unknown source format {fmt!r}")  # pragma: no cover - enum is exhaustive
 
 
@@ -485,7 +485,7 @@ def _onnx(path: Path, options: SourceOptions, exporter: str) -> Source:
     )
 
 
-def _tensorflow(path: Path, options: SourceOptions, workdir: Path) -> Source:
+def _tensorflow(path: Path, options: SourceOptions, workdir: Path, opset: int) -> Source:
     missing = [m for m in ("tensorflow", "tf2onnx") if importlib.util.find_spec(m) is None]
     if missing:
         raise InvalidSpec(
@@ -495,9 +495,6 @@ def _tensorflow(path: Path, options: SourceOptions, workdir: Path) -> Source:
     if not (path / "saved_model.pb").is_file():
         raise InvalidSource(f"{path}: not a TensorFlow SavedModel (no saved_model.pb)")
     out = workdir / "tf2onnx.onnx"
-    from ptm_runtime.options import ConversionOptions
-
-    opset = ConversionOptions().opset
     proc = subprocess.run(
         [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(path), "--output", str(out), "--opset", str(opset)],
         capture_output=True,

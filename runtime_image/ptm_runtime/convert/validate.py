@@ -28,7 +28,7 @@ from ptm_runtime.convert import samples
 from ptm_runtime.options import ValidationOptions
 from ptm_runtime.report import Metrics
 
-LATENCY_RUNS = 10
+LATENCY_RUNS = 15
 LATENCY_BUDGET_S = 2.0
 
 

@@ -94,7 +94,9 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="ptm-batcher")
 
-    async def submit(self, feeds: Mapping[str, np.ndarray], rows: int, key: Hashable, timeout: float) -> BatchResult:
+    async def submit(
+        self, feeds: Mapping[str, np.ndarray], rows: int, key: Hashable, timeout: float
+    ) -> BatchResult:
         """Queue one request and wait for its rows; raises QueueFull, DeadlineExceeded, Unavailable."""
         if self._closed:
             raise Unavailable("the server is shutting down and takes no new requests")
@@ -111,7 +113,9 @@ class Batcher:
             return await asyncio.wait_for(asyncio.shield(item.future), timeout)
         except TimeoutError:
             self._drop(item)
-            raise DeadlineExceeded(f"no answer within the request deadline of {timeout * 1000:.0f} ms") from None
+            raise DeadlineExceeded(
+                f"no answer within the request deadline of {timeout * 1000:.0f} ms"
+            ) from None
         except asyncio.CancelledError:
             # The client went away: free its queue slot; a batch already computing ignores it.
             self._drop(item)

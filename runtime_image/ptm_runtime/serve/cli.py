@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,17 @@ _OPTION_FLAGS: dict[str, tuple[str, ...]] = {
     "request_timeout_ms": ("requestTimeoutMs",),
 }
 _SETTING_FLAGS = (
-    "model_name", "model_version", "host", "http_port", "grpc_port", "metrics_port", "max_body_bytes",
-    "drain_timeout_s", "ports_file", "trt_cache_dir", "log_level",
+    "model_name",
+    "model_version",
+    "host",
+    "http_port",
+    "grpc_port",
+    "metrics_port",
+    "max_body_bytes",
+    "drain_timeout_s",
+    "ports_file",
+    "trt_cache_dir",
+    "log_level",
 )
 
 
@@ -44,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ptm serve",
         description="Serve an ONNX model over the Open Inference Protocol (KServe V2): REST, gRPC, /metrics.",
     )
-    p.add_argument("model_path", nargs="?", type=Path, help="artifact directory (model.onnx + report.json) or a .onnx file")
+    p.add_argument(
+        "model_path",
+        nargs="?",
+        type=Path,
+        help="artifact directory (model.onnx + report.json) or a .onnx file",
+    )
     p.add_argument("--model-name", help="name in /v2/models/NAME (default: model)")
     p.add_argument("--model-version", help="version served (default: 1)")
     p.add_argument("--host", help="listen address (default 127.0.0.1; pods pass 0.0.0.0)")
@@ -111,12 +125,13 @@ def _run(settings: ServeSettings) -> int:
     async def main() -> int:
         return await Server(settings).run()
 
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     try:
         import uvloop
 
         loop_factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is in the serve extra on Linux
-        loop_factory = asyncio.new_event_loop
+        pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(main())
 

@@ -158,7 +158,9 @@ def array_from_list(name: str, datatype: str, shape: tuple[int, ...], data: Any)
     if dtype.kind in "iu" and loose.size:
         info = np.iinfo(dtype)
         if loose.min() < info.min or loose.max() > info.max:
-            raise InvalidInput(f"input {name!r}: values outside the {datatype} range [{info.min}, {info.max}]")
+            raise InvalidInput(
+                f"input {name!r}: values outside the {datatype} range [{info.min}, {info.max}]"
+            )
     return loose.astype(dtype, copy=False).reshape(shape)
 
 
@@ -215,9 +217,7 @@ class DataPlane:
         if name != self.model_name:
             raise ModelNotFound(f"unknown model {name!r}; this server serves {self.model_name!r}")
         if version and version != self.model_version:
-            raise ModelNotFound(
-                f"model {name!r} has no version {version!r} (versions: {self.model_version})"
-            )
+            raise ModelNotFound(f"model {name!r} has no version {version!r} (versions: {self.model_version})")
 
     def model_ready(self, name: str, version: str | None) -> bool:
         self.check_model(name, version)
@@ -313,7 +313,9 @@ class DataPlane:
                     f"{list(info.shape)} (-1: any size)"
                 )
             if 0 in tensor.shape:
-                raise InvalidInput(f"input {tensor.name!r} has shape {list(tensor.shape)}: empty tensors are refused")
+                raise InvalidInput(
+                    f"input {tensor.name!r} has shape {list(tensor.shape)}: empty tensors are refused"
+                )
         missing = [n for n in self._inputs if n not in seen]
         if missing:
             raise InvalidInput("missing input(s) " + ", ".join(repr(n) for n in missing))

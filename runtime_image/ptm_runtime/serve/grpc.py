@@ -114,7 +114,9 @@ class InferenceServicer:
 
     async def ServerMetadata(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         meta = self.plane.server_metadata()
-        return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
+        return pb.ServerMetadataResponse(
+            name=meta["name"], version=meta["version"], extensions=meta["extensions"]
+        )
 
     async def ModelMetadata(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         try:

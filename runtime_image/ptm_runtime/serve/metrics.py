@@ -8,7 +8,14 @@ to), so one `code=~"5.."` selector finds server errors everywhere.
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -25,45 +32,75 @@ class ServeMetrics:
         self.registry = registry
         self.model = model
         self.requests = Counter(
-            "ptm_requests", "Inference requests answered, by protocol and status code.",
-            ["model", "protocol", "code"], registry=registry,
+            "ptm_requests",
+            "Inference requests answered, by protocol and status code.",
+            ["model", "protocol", "code"],
+            registry=registry,
         )
         self.request_seconds = Histogram(
-            "ptm_request_duration_seconds", "End-to-end inference request latency (decode to encode).",
-            ["model", "protocol"], buckets=LATENCY_BUCKETS, registry=registry,
+            "ptm_request_duration_seconds",
+            "End-to-end inference request latency (decode to encode).",
+            ["model", "protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.queue_seconds = Histogram(
-            "ptm_queue_duration_seconds", "Time a request waited in the batching queue.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+            "ptm_queue_duration_seconds",
+            "Time a request waited in the batching queue.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.compute_seconds = Histogram(
-            "ptm_compute_duration_seconds", "Model execution time per batch.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+            "ptm_compute_duration_seconds",
+            "Model execution time per batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.batch_size = Histogram(
-            "ptm_batch_size", "Rows per batch sent to the model.",
-            ["model"], buckets=BATCH_BUCKETS, registry=registry,
+            "ptm_batch_size",
+            "Rows per batch sent to the model.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.batch_requests = Histogram(
-            "ptm_batch_requests", "Requests merged into one batch.",
-            ["model"], buckets=BATCH_BUCKETS, registry=registry,
+            "ptm_batch_requests",
+            "Requests merged into one batch.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.queue_depth = Gauge(
-            "ptm_queue_depth", "Requests waiting in the batching queue.", ["model"], registry=registry,
+            "ptm_queue_depth",
+            "Requests waiting in the batching queue.",
+            ["model"],
+            registry=registry,
         )
         self.in_flight = Gauge(
-            "ptm_requests_in_flight", "Inference requests being handled.", ["model"], registry=registry,
+            "ptm_requests_in_flight",
+            "Inference requests being handled.",
+            ["model"],
+            registry=registry,
         )
         self.load_seconds = Gauge(
-            "ptm_model_load_seconds", "Time to verify and load the model (warm-up excluded).",
-            ["model"], registry=registry,
+            "ptm_model_load_seconds",
+            "Time to verify and load the model (warm-up excluded).",
+            ["model"],
+            registry=registry,
         )
         self.warmup_seconds = Gauge(
-            "ptm_model_warmup_seconds", "Time spent in warm-up inferences.", ["model"], registry=registry,
+            "ptm_model_warmup_seconds",
+            "Time spent in warm-up inferences.",
+            ["model"],
+            registry=registry,
         )
         self.provider_info = Gauge(
-            "ptm_execution_provider_info", "The ONNX Runtime execution provider in use (value 1).",
-            ["model", "provider"], registry=registry,
+            "ptm_execution_provider_info",
+            "The ONNX Runtime execution provider in use (value 1).",
+            ["model", "provider"],
+            registry=registry,
         )
         self.ready = Gauge("ptm_ready", "1 while the server reports ready.", ["model"], registry=registry)
         # Children resolved once: labels() is a dict lookup under a lock, worth skipping per request.

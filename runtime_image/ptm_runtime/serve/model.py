@@ -195,6 +195,12 @@ class OnnxModel:
         artifact = resolve_artifact(path)
         available = ort.get_available_providers() if available_providers is None else available_providers
         providers = choose_providers([p.value for p in options.execution_providers], available)
+        if _DEVICE_PROVIDERS.intersection(providers) and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA/cuDNN from the nvidia-* wheels only once preloaded.
+            try:
+                ort.preload_dlls()
+            except Exception as exc:
+                log.warning("onnxruntime.preload_dlls() failed: %s", exc)
         sess_options = ort.SessionOptions()
         sess_options.intra_op_num_threads = options.intra_op_threads
         sess_options.inter_op_num_threads = options.inter_op_threads
@@ -218,10 +224,15 @@ class OnnxModel:
                 errors.append(f"{candidates[0]}: {exc}")
                 log.warning("execution provider %s failed to load the model: %s", candidates[0], exc)
         if session is None:
-            raise ArtifactError(f"no execution provider could load {artifact.model_path}: " + "; ".join(errors))
+            raise ArtifactError(
+                f"no execution provider could load {artifact.model_path}: " + "; ".join(errors)
+            )
         model = cls(session, artifact, options, load_seconds=time.perf_counter() - started)
         log.info(
-            "loaded %s (sha256 %s) on %s in %.2fs", artifact.model_path, artifact.sha256, model.provider,
+            "loaded %s (sha256 %s) on %s in %.2fs",
+            artifact.model_path,
+            artifact.sha256,
+            model.provider,
             model.load_seconds,
         )
         return model

@@ -27,7 +27,7 @@ GENERATED = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py")
 
 def generate(out_root: Path) -> list[Path]:
     """Run protoc (grpcio-tools) with `out_root` standing for the source root; returns the files."""
-    from grpc_tools import protoc  # dev-only dependency
+    from grpc_tools import protoc  # type: ignore[import-untyped]  # dev-only dependency
 
     relative = PROTO.relative_to(SOURCE_ROOT).as_posix()
     args = [
@@ -52,7 +52,8 @@ def stale_files() -> list[str]:
         return [
             path.name
             for path in fresh
-            if not (PROTO_DIR / path.name).exists() or not filecmp.cmp(path, PROTO_DIR / path.name, shallow=False)
+            if not (PROTO_DIR / path.name).exists()
+            or not filecmp.cmp(path, PROTO_DIR / path.name, shallow=False)
         ]
 
 

@@ -49,7 +49,9 @@ PROTOCOL = "rest"
 
 
 def _no_constants(name: str) -> NoReturn:
-    raise InvalidInput(f"the JSON body contains {name}, which is not valid JSON; send such values as binary data")
+    raise InvalidInput(
+        f"the JSON body contains {name}, which is not valid JSON; send such values as binary data"
+    )
 
 
 def _loads(raw: bytes | memoryview, what: str) -> Any:
@@ -175,7 +177,9 @@ def _json_data(array: np.ndarray) -> list[Any]:
     return values
 
 
-def encode_infer_response(response: InferResponse, binary: dict[str, bool] | bool) -> tuple[bytes, int | None]:
+def encode_infer_response(
+    response: InferResponse, binary: dict[str, bool] | bool
+) -> tuple[bytes, int | None]:
     """JSON (and binary) body of an infer response; returns (body, JSON header length or None)."""
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
@@ -211,7 +215,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 past `limit` bytes (declared or streamed) and 415 if encoded."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
+        )
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -233,7 +239,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
     """The V2 REST app over one data plane."""
 
-    def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def guarded(
+        handler: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request)
@@ -292,7 +300,9 @@ def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
                 try:
                     header_length = int(raw_length)
                 except ValueError:
-                    raise InvalidInput(f"Inference-Header-Content-Length {raw_length!r} is not an integer") from None
+                    raise InvalidInput(
+                        f"Inference-Header-Content-Length {raw_length!r} is not an integer"
+                    ) from None
             body = await read_body(request, max_body_bytes)
             parsed, binary = parse_infer_request(body, header_length, plane.max_elements)
             result = await plane.infer(name, version, parsed)
@@ -300,7 +310,9 @@ def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
             code = 200
             if json_length is None:
                 return Response(content, media_type=JSON_TYPE)
-            return Response(content, media_type=BINARY_TYPE, headers={"Inference-Header-Content-Length": str(json_length)})
+            return Response(
+                content, media_type=BINARY_TYPE, headers={"Inference-Header-Content-Length": str(json_length)}
+            )
         except ServeError as exc:
             code = exc.status_code
             return _error(exc)

@@ -151,7 +151,10 @@ class Server:
         self.plane.attach(model, batcher)
         log.info(
             "model %r ready on %s (dynamic batching %s, max batch %d)",
-            s.model_name, model.provider, "on" if batcher.batching else "off", batching.max_batch_size,
+            s.model_name,
+            model.provider,
+            "on" if batcher.batching else "off",
+            batching.max_batch_size,
         )
         return model
 

@@ -24,7 +24,9 @@ class ServeSettings(BaseSettings):
 
     model_path: Path
     """Artifact directory (model.onnx + report.json, sha256 verified) or a bare .onnx file."""
-    model_name: str = Field(default="model", min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model_name: str = Field(
+        default="model", min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+    )
     """Name clients use in /v2/models/NAME."""
     model_version: str = Field(default="1", min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
     """The one version served."""
