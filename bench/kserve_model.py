@@ -11,6 +11,7 @@ the project:
 from __future__ import annotations
 
 import argparse
+import uuid
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ class OnnxModel(Model):  # type: ignore[misc]
         return InferResponse(
             model_name=self.name,
             infer_outputs=outputs,
-            response_id=payload.id,
+            response_id=payload.id or str(uuid.uuid4()),
             use_binary_outputs=payload.use_binary_outputs,
         )
 
@@ -60,4 +61,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(parents=[model_server.parser])
     parser.add_argument("--model_path", required=True)
     args, _ = parser.parse_known_args()
-    ModelServer(http_port=args.http_port, grpc_port=args.grpc_port).start([OnnxModel(args.model_name, args.model_path)])
+    ModelServer(http_port=args.http_port, grpc_port=args.grpc_port).start(
+        [OnnxModel(args.model_name, args.model_path)]
+    )

@@ -56,6 +56,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 #: Annotation that releases an indefinite rollout pause (`pause: {}`), like `kubectl argo rollouts promote`.
 PROMOTE_ANNOTATION = f"{GROUP}/promote"
+#: Annotation that rolls the canary back at once (consumed when acted on).
+ABORT_ANNOTATION = f"{GROUP}/abort"
 
 #: DNS-1123 subdomain (Secret, claim, class names).
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -724,6 +726,11 @@ class RolloutSpec(Options):
     progress_deadline_seconds: int = Field(default=600, ge=30, le=86400)
     """A step that makes no progress for this long (pods not ready, no traffic) fails the
     rollout and rolls back."""
+    paused: bool = False
+    """Hold the rollout at its current step (analysis keeps running; nothing advances)."""
+    scale_down_delay_seconds: int = Field(default=30, ge=0, le=86400)
+    """After promotion, how long the previous revision keeps its pods (in-flight requests finish,
+    a quick rollback is still instant) before its Deployment is removed."""
 
     model_config = ConfigDict(
         json_schema_extra=cel(
@@ -912,6 +919,8 @@ class RevisionStatus(StatusModel):
     """Validation metrics of the served candidate against the fp32 reference."""
     created: datetime | None = None
     """When the revision was first seen."""
+    state_since: datetime | None = None
+    """When the revision entered its current state."""
     message: str = ""
     """Why it is in its state (e.g. the validation failure)."""
 
@@ -971,6 +980,15 @@ class PretrainedModelStatus(StatusModel):
     """Index into rollout.steps of the canary's current step."""
     canary_weight: int | None = Field(default=None, ge=0, le=100)
     """Percent of traffic the canary receives."""
+    step_started_at: datetime | None = None
+    """When the canary entered its current step (pause durations, analysis windows and the
+    progress deadline count from here)."""
+    analysis_failures: int | None = Field(default=None, ge=0)
+    """Failed analysis measurements of the current canary."""
+    last_analysis_at: datetime | None = None
+    """When the canary was last measured."""
+    last_measurement: str | None = None
+    """The last analysis measurement, in words."""
     endpoint: EndpointStatus | None = None
     """Where to call the model."""
     replicas: int | None = Field(default=None, ge=0)
@@ -1024,3 +1042,7 @@ class PretrainedModel(StatusModel):
     @property
     def promote_requested(self) -> bool:
         return self.metadata.annotations.get(PROMOTE_ANNOTATION, "").lower() == "true"
+
+    @property
+    def abort_requested(self) -> bool:
+        return self.metadata.annotations.get(ABORT_ANNOTATION, "").lower() == "true"

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ptm_operator.analysis import Sample
 from ptm_operator.api import (
     ArtifactStatus,
     Condition,
@@ -25,12 +26,12 @@ from ptm_operator.api import (
     PretrainedModelStatus,
     RevisionState,
     RevisionStatus,
-    RolloutStrategy,
 )
 from ptm_operator.builders import jobs, serving
 from ptm_operator.builders.store import Store
 from ptm_operator.conditions import set_condition, with_ready
 from ptm_operator.revision import revision_of
+from ptm_operator.rollout import step_rollout
 from ptm_operator.settings import Settings
 from ptm_runtime.report import EXIT_INVALID, EXIT_VALIDATION_FAILED, Report
 
@@ -91,6 +92,8 @@ class Observed:
     deployments: dict[str, DeploymentObservation] = field(default_factory=dict)
     pods: list[PodObservation] = field(default_factory=list)
     keda_available: bool = False
+    samples: dict[str, Sample] = field(default_factory=dict)
+    """Metrics per revision, read only while a canary is in an analysis step."""
 
 
 # --- what to do ------------------------------------------------------------------------------------
@@ -118,6 +121,8 @@ class Plan:
     events: list[Event]
     requeue_after: float | None
     waiting_for: str = ""
+    consume_annotations: list[str] = field(default_factory=list)
+    """Annotations acted on (ptm.dev/promote, ptm.dev/abort), to be removed."""
 
     def status_patch(self) -> dict[str, Any]:
         """The whole status in wire form (lists are replaced, so it is sent complete)."""
@@ -126,7 +131,7 @@ class Plan:
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-_BAD_WAITING = frozenset(
+BAD_WAITING = frozenset(
     {
         "CrashLoopBackOff",
         "ImagePullBackOff",
@@ -163,7 +168,7 @@ def pod_problems(pods: list[PodObservation], revision: str) -> tuple[str, str] |
     cluster autoscaler that is adding a GPU node is visible in status rather than silent.
     """
     mine = [p for p in pods if p.revision == revision]
-    crashing = [p for p in mine if p.waiting_reason in _BAD_WAITING]
+    crashing = [p for p in mine if p.waiting_reason in BAD_WAITING]
     if crashing:
         reasons = Counter(p.waiting_reason for p in crashing)
         reason, _ = reasons.most_common(1)[0]
@@ -223,6 +228,7 @@ class _Conditions:
         self.before = {c.type: c.status for c in start}
         self.generation = generation
         self.now = now
+        self.extra_events: list[Event] = []
 
     def set(
         self, type_: ConditionType, status: ConditionStatus | bool, reason: str, message: str = ""
@@ -233,7 +239,7 @@ class _Conditions:
 
     def finish(self) -> tuple[list[Condition], list[Event]]:
         self.items = with_ready(self.items, observed_generation=self.generation, now=self.now)
-        events = []
+        events = list(self.extra_events)
         for c in self.items:
             if self.before.get(c.type) == c.status:
                 continue
@@ -367,21 +373,62 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
         else:
             cond.set(ConditionType.CONVERTED, False, reason, f"revision {desired}: {record.message}")
 
-    # 3. Serving: the stable revision, and the desired one rolling in when it differs.
+    # 3. Serving: the stable revision, and the desired one rolling in as a canary when it differs.
     stable = status.stable_revision
     stable_record = status.revision(stable) if stable else None
     if stable_record is None or stable_record.state not in SERVABLE:
         stable = None
-    candidate = desired if record is not None and record.state in SERVABLE else None
+    servable = SERVABLE | {RevisionState.ROLLED_BACK} if pinned else SERVABLE
+    candidate = desired if record is not None and record.state in servable else None
     if stable is None and candidate is not None:
         stable = candidate
+    autoscaled = spec.serving.autoscaling is not None
+    replicas: dict[str, int | None] = {}
+    requeue: float | None = None
+    consume: list[str] = []
     if stable is not None and candidate is not None and candidate != stable:
-        stable = _roll(model, observed, status, stable, candidate, cond, waiting)
+        rolled = step_rollout(model, observed, status, stable, candidate, now, settings.requeue_seconds)
+        stable = rolled.stable
+        replicas.update(rolled.replicas)
+        waiting.extend(rolled.waiting)
+        requeue = rolled.requeue_after
+        consume = rolled.consume_annotations
+        for ev in rolled.events:
+            cond.extra_events.append(Event(*ev))
+        if rolled.progressing is not None:
+            cond.set(ConditionType.PROGRESSING, True, *rolled.progressing)
+            if rolled.progressing[0] == "Promoted":
+                waiting.append(f"revision {stable} to take over")
+        if rolled.rolled_back is not None:
+            cond.set(ConditionType.DEGRADED, True, "RolledBack", rolled.rolled_back[1])
+    else:
+        if status.canary_revision is not None:  # the spec moved away from the canary
+            status.canary_revision = None
+            status.current_step = None
+            status.canary_weight = None
+            status.step_started_at = None
+        if model.promote_requested or model.abort_requested:
+            consume = ["ptm.dev/promote", "ptm.dev/abort"]
+    if stable is not None:
+        replicas.setdefault(stable, None if autoscaled else spec.serving.replicas)
+    # A superseded revision keeps its pods for scaleDownDelaySeconds after promotion.
+    for rec in status.revisions:
+        if (
+            rec.state is RevisionState.SUPERSEDED
+            and rec.revision in observed.deployments
+            and rec.revision not in replicas
+        ):
+            left = spec.rollout.scale_down_delay_seconds - (
+                (now - rec.state_since).total_seconds() if rec.state_since else 1e9
+            )
+            if left > 0:
+                replicas[rec.revision] = observed.deployments[rec.revision].replicas
+                requeue = min(requeue or left, left)
     if (
-        candidate is None
-        and record is not None
+        record is not None
         and record.state is RevisionState.FAILED
         and stable is not None
+        and candidate is None
     ):
         cond.set(
             ConditionType.DEGRADED,
@@ -389,21 +436,32 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
             "UpdateFailed",
             f"revision {desired} failed ({record.message[:300]}); revision {stable} keeps serving",
         )
+    if (
+        record is not None
+        and record.state is RevisionState.ROLLED_BACK
+        and candidate is None
+        and stable is not None
+    ):
+        cond.set(
+            ConditionType.DEGRADED,
+            True,
+            "RolledBack",
+            f"revision {desired} {record.message}; revision {stable} serves",
+        )
 
-    serving_revisions = [r for r in (stable, status.canary_revision) if r]
-    for rev in serving_revisions:
-        rec = status.revision(rev)
-        assert rec is not None and rec.artifact is not None
-        replicas = None if spec.serving.autoscaling is not None else spec.serving.replicas
+    serving_revisions = list(replicas)
+    for rev, count in replicas.items():
+        served = status.revision(rev)
+        assert served is not None and served.artifact is not None
         manifests.append(
             serving.serving_deployment(
                 model,
                 rev,
                 store.artifact_dir(namespace, name, rev),
-                replicas,
+                count,
                 settings,
                 store,
-                size_bytes=rec.artifact.size_bytes,
+                size_bytes=served.artifact.size_bytes,
             )
         )
     for rev, dep in observed.deployments.items():
@@ -412,8 +470,9 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
 
     if stable is not None:
         stable_record = status.revision(stable)
-        if stable_record is not None and stable_record.state is not RevisionState.CANARY:
+        if stable_record is not None and stable_record.state is not RevisionState.STABLE:
             stable_record.state = RevisionState.STABLE
+            stable_record.state_since = now
         status.stable_revision = stable
         manifests.append(serving.service(model))
         manifests.append(serving.pod_disruption_budget(model))
@@ -466,8 +525,11 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
         delete=deletions,
         status=status,
         events=events,
-        requeue_after=settings.requeue_seconds if waiting else None,
-        waiting_for="; ".join(waiting),
+        requeue_after=min(requeue or settings.requeue_seconds, settings.requeue_seconds)
+        if waiting or requeue
+        else None,
+        waiting_for="; ".join(waiting) or "scale-down of a superseded revision",
+        consume_annotations=consume,
     )
 
 
@@ -482,51 +544,6 @@ def _record_report(record: RevisionStatus, report: Report) -> None:
     record.precision = report.precision
     record.metrics = report.metrics
     record.source_digest = report.source_sha256
-
-
-def _roll(
-    model: PretrainedModel,
-    observed: Observed,
-    status: PretrainedModelStatus,
-    stable: str,
-    candidate: str,
-    cond: _Conditions,
-    waiting: list[str],
-) -> str:
-    """Bring `candidate` in beside `stable`; once all its pods are ready it becomes stable.
-
-    Returns the revision that is stable after this step.
-    """
-    status.canary_revision = candidate
-    rec = status.revision(candidate)
-    assert rec is not None
-    rec.state = RevisionState.CANARY
-    dep = observed.deployments.get(candidate)
-    want = desired_replicas(model, observed.deployments.get(stable))
-    if model.spec.rollout.strategy is RolloutStrategy.RECREATE or (
-        dep is not None
-        and dep.ready_replicas >= max(want, 1)
-        and pod_problems(observed.pods, candidate) is None
-    ):
-        old = status.revision(stable)
-        if old is not None:
-            old.state = RevisionState.SUPERSEDED
-        rec.state = RevisionState.STABLE
-        status.canary_revision = None
-        status.canary_weight = None
-        status.current_step = None
-        cond.set(ConditionType.PROGRESSING, True, "Promoted", f"revision {candidate} replaced {stable}")
-        return candidate
-    problem = pod_problems(observed.pods, candidate)
-    detail = f": {problem[1]}" if problem else ""
-    cond.set(
-        ConditionType.PROGRESSING,
-        True,
-        "RollingOut",
-        f"revision {candidate} starting beside {stable}{detail}",
-    )
-    waiting.append(f"revision {candidate} to become ready")
-    return stable
 
 
 def _availability(

@@ -80,7 +80,14 @@ def mlp_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-MLP = ("--format", "pytorch-state-dict", "--architecture", "tests.convert.nets:tiny_mlp", "--input", "x:float32:-1,16")
+MLP = (
+    "--format",
+    "pytorch-state-dict",
+    "--architecture",
+    "tests.convert.nets:tiny_mlp",
+    "--input",
+    "x:float32:-1,16",
+)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

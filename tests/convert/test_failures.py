@@ -71,7 +71,9 @@ def test_architecture_that_does_not_match_the_state_dict(
         "--source", str(mlp_checkpoint), "--format", "pytorch-state-dict",
         "--architecture", "tests.convert.nets:tiny_cnn", "--input", "x:float32:-1,3,16,16", *_store_args(tmp_path),
     )  # fmt: skip
-    _assert_permanent(run, "InvalidSource", "does not match architecture tests.convert.nets:tiny_cnn", "Missing key")
+    _assert_permanent(
+        run, "InvalidSource", "does not match architecture tests.convert.nets:tiny_cnn", "Missing key"
+    )
 
 
 @pytest.mark.parametrize(
@@ -79,9 +81,21 @@ def test_architecture_that_does_not_match_the_state_dict(
     [
         (("--format", "keras"), "source.format: Input should be"),
         (("--format", "pytorch-state-dict", "--input", "x:float32:-1,16"), "architecture is required"),
-        (("--format", "pytorch-state-dict", "--architecture", "no_such_module_ptm:f", "--input", "x:float32:-1,16"),
-         "cannot import no_such_module_ptm"),
-        (("--format", "pytorch-state-dict", "--architecture", "tests.convert.nets:tiny_mlp"), "source.inputs is required"),
+        (
+            (
+                "--format",
+                "pytorch-state-dict",
+                "--architecture",
+                "no_such_module_ptm:f",
+                "--input",
+                "x:float32:-1,16",
+            ),
+            "cannot import no_such_module_ptm",
+        ),
+        (
+            ("--format", "pytorch-state-dict", "--architecture", "tests.convert.nets:tiny_mlp"),
+            "source.inputs is required",
+        ),
         ((*MLP, "--precision", "int8-static"), "needs quantization.mode static"),
         ((*MLP, "--min-cosine-similarity", "1.5"), "validation.minCosineSimilarity"),
         ((*MLP, "--input", "x:complex64:-1,16"), "dtype must be one of"),
@@ -128,11 +142,20 @@ def test_dataset_without_the_model_inputs(convert: ConvertFn, mlp_checkpoint: Pa
     import numpy as np
 
     np.savez(tmp_path / "val.npz", other=np.zeros((4, 16), np.float32))
-    run = convert("--source", str(mlp_checkpoint), *MLP, "--dataset", str(tmp_path / "val.npz"), *_store_args(tmp_path))
+    run = convert(
+        "--source", str(mlp_checkpoint), *MLP, "--dataset", str(tmp_path / "val.npz"), *_store_args(tmp_path)
+    )
     _assert_permanent(run, "InvalidSource", "lacks arrays for inputs ['x']")
 
 
-IMPOSSIBLE = ("--precision", "int8-dynamic,fp16,fp32", "--max-abs-error", "1e-30", "--min-cosine-similarity", "1.0")
+IMPOSSIBLE = (
+    "--precision",
+    "int8-dynamic,fp16,fp32",
+    "--max-abs-error",
+    "1e-30",
+    "--min-cosine-similarity",
+    "1.0",
+)
 
 
 def test_impossible_threshold_fails_closed_listing_every_candidate(
@@ -156,7 +179,9 @@ def test_impossible_threshold_fails_closed_listing_every_candidate(
     assert "int8-dynamic" in run.stdout and "why not" in run.stdout
 
 
-def test_warn_policy_serves_fp32_and_says_so(convert: ConvertFn, mlp_checkpoint: Path, tmp_path: Path) -> None:
+def test_warn_policy_serves_fp32_and_says_so(
+    convert: ConvertFn, mlp_checkpoint: Path, tmp_path: Path
+) -> None:
     run = convert(
         "--source", str(mlp_checkpoint), *MLP, "--precision", "int8-dynamic", "--max-abs-error", "1e-30",
         "--failure-policy", "Warn", *_store_args(tmp_path),

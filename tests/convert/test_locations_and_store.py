@@ -69,7 +69,9 @@ def test_s3_source_and_store_with_reuse(
     again = convert(*args)
     assert again.code == 0 and again.stdout.startswith("reused:")
 
-    missing = convert("--source", "s3://models/team/none.pt", *MLP, "--store", str(tmp_path / "s"), "--name", "x")
+    missing = convert(
+        "--source", "s3://models/team/none.pt", *MLP, "--store", str(tmp_path / "s"), "--name", "x"
+    )
     assert missing.code == EXIT_INVALID, missing.stderr[-2000:]
     assert "no such object" in missing.failure.message
 

@@ -79,7 +79,9 @@ def test_state_dict_builds_every_candidate_picks_the_first_that_passes_and_reuse
     assert (final / REPORT_FILE).stat().st_mtime_ns == mtime
 
 
-def test_dict_outputs_keep_their_names_and_fixed_batch_is_respected(convert: ConvertFn, tmp_path: Path) -> None:
+def test_dict_outputs_keep_their_names_and_fixed_batch_is_respected(
+    convert: ConvertFn, tmp_path: Path
+) -> None:
     torch.manual_seed(1)
     ckpt = tmp_path / "heads.pt"
     torch.save(two_heads().state_dict(), ckpt)
@@ -124,7 +126,9 @@ def test_torchscript_and_torch_export_sources(convert: ConvertFn, tmp_path: Path
     assert report.metrics.max_abs_error is not None and report.metrics.max_abs_error < 1e-4
 
 
-def test_onnx_passthrough_with_static_int8_calibration_and_a_dataset(convert: ConvertFn, tmp_path: Path) -> None:
+def test_onnx_passthrough_with_static_int8_calibration_and_a_dataset(
+    convert: ConvertFn, tmp_path: Path
+) -> None:
     torch.manual_seed(3)
     model = tiny_cnn().eval()
     src = tmp_path / "cnn.onnx"
@@ -171,7 +175,9 @@ def test_pruning_records_the_measured_sparsity(
     assert report.optimizations[0].startswith(f"pruning:{method} 0.5")
     # the reference is the unpruned model, so the gate sees what pruning cost
     assert report.metrics.max_abs_error is not None and report.metrics.max_abs_error > 1e-3
-    stored = onnx.load(str(tmp_path / "store" / "default" / f"mlp-{method}" / str(report.revision) / "model.onnx"))
+    stored = onnx.load(
+        str(tmp_path / "store" / "default" / f"mlp-{method}" / str(report.revision) / "model.onnx")
+    )
     weights = [onnx.numpy_helper.to_array(t) for t in stored.graph.initializer if t.dims and len(t.dims) == 2]
     assert weights and all((w == 0).mean() >= 0.45 for w in weights)
 

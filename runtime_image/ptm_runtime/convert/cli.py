@@ -55,11 +55,22 @@ def parser() -> argparse.ArgumentParser:
         "3 validation failed (permanent), 75 transient (retry).",
     )
     src = p.add_argument_group("source")
-    src.add_argument("--spec", type=Path, help="PretrainedModel YAML (spec.source/conversion/optimization/validation)")
-    src.add_argument("--source", help="checkpoint: path, file://, pvc://CLAIM/PATH, s3://, http(s)://, hf://ORG/NAME")
+    src.add_argument(
+        "--spec", type=Path, help="PretrainedModel YAML (spec.source/conversion/optimization/validation)"
+    )
+    src.add_argument(
+        "--spec-json", metavar="JSON", help='the same inline, as JSON: {"spec": {"source": {...}, ...}}'
+    )
+    src.add_argument(
+        "--source", help="checkpoint: path, file://, pvc://CLAIM/PATH, s3://, http(s)://, hf://ORG/NAME"
+    )
     src.add_argument("--format", help=f"one of: {', '.join(f.value for f in SourceFormat)}")
-    src.add_argument("--architecture", help="module:factory for pytorch-state-dict (torchvision.models:resnet18)")
-    src.add_argument("--task", help="Hugging Face task (feature-extraction, sentence-embedding, text-classification...)")
+    src.add_argument(
+        "--architecture", help="module:factory for pytorch-state-dict (torchvision.models:resnet18)"
+    )
+    src.add_argument(
+        "--task", help="Hugging Face task (feature-extraction, sentence-embedding, text-classification...)"
+    )
     src.add_argument("--sha256", help="pin: the checkpoint's sha256")
     src.add_argument(
         "--input",
@@ -68,29 +79,42 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME:DTYPE:SHAPE",
         help="input signature, e.g. input:float32:-1,3,224,224 (repeatable)",
     )
-    src.add_argument("--allow-pickle", action="store_true", default=None, help="allow full pickles (runs code)")
+    src.add_argument(
+        "--allow-pickle", action="store_true", default=None, help="allow full pickles (runs code)"
+    )
 
     conv = p.add_argument_group("conversion")
     conv.add_argument("--opset", type=int)
     conv.add_argument("--no-dynamic-batch", dest="dynamic_batch", action="store_false", default=None)
-    conv.add_argument("--dynamic-axis", action="append", default=[], metavar="NAME=AXES", help="e.g. input_ids=0,1")
+    conv.add_argument(
+        "--dynamic-axis", action="append", default=[], metavar="NAME=AXES", help="e.g. input_ids=0,1"
+    )
     conv.add_argument("--target", action="append", default=[], choices=[t.value for t in ConversionTarget])
 
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--precision", action="append", default=[], help="candidate(s) in preference order, e.g. "
-                     "int8-dynamic,fp32 (repeatable): " + ", ".join(x.value for x in Precision))
+    opt.add_argument(
+        "--precision",
+        action="append",
+        default=[],
+        help="candidate(s) in preference order, e.g. "
+        "int8-dynamic,fp32 (repeatable): " + ", ".join(x.value for x in Precision),
+    )
     opt.add_argument("--graph-optimization-level", choices=[x.value for x in GraphOptimizationLevel])
     opt.add_argument("--no-keep-io-fp32", dest="keep_io_fp32", action="store_false", default=None)
     opt.add_argument("--quantization-mode", choices=[x.value for x in QuantizationMode])
     opt.add_argument("--per-channel", action="store_true", default=None)
-    opt.add_argument("--calibration", metavar="URI", help=".npz calibration set (implies quantization mode static)")
+    opt.add_argument(
+        "--calibration", metavar="URI", help=".npz calibration set (implies quantization mode static)"
+    )
     opt.add_argument("--calibration-samples", type=int)
     opt.add_argument("--calibration-method", choices=[x.value for x in CalibrationMethod])
     opt.add_argument("--pruning", choices=[x.value for x in PruningMethod])
     opt.add_argument("--sparsity", type=float)
 
     val = p.add_argument_group("validation")
-    val.add_argument("--dataset", metavar="URI", help=".npz validation set (default: synthetic or sample sentences)")
+    val.add_argument(
+        "--dataset", metavar="URI", help=".npz validation set (default: synthetic or sample sentences)"
+    )
     val.add_argument("--samples", type=int)
     val.add_argument("--max-abs-error", type=float)
     val.add_argument("--min-cosine-similarity", type=float)
@@ -99,12 +123,20 @@ def parser() -> argparse.ArgumentParser:
     val.add_argument("--failure-policy", choices=[x.value for x in FailurePolicy])
 
     out = p.add_argument_group("output")
-    out.add_argument("--store", required=True, help="artifact store: path, file://, pvc://CLAIM/PATH or s3://BUCKET/PREFIX")
+    out.add_argument(
+        "--store", required=True, help="artifact store: path, file://, pvc://CLAIM/PATH or s3://BUCKET/PREFIX"
+    )
     out.add_argument("--namespace", help="namespace (default: the spec's, else 'default')")
     out.add_argument("--name", help="model name (default: the spec's metadata.name)")
     out.add_argument("--revision", help="revision (default: a digest of source and options)")
-    out.add_argument("--termination-log", type=Path, help=f"compact report path (default {DEFAULT_TERMINATION_LOG} if present)")
-    out.add_argument("--pvc-root", type=Path, help="where pvc://CLAIM is mounted (default $PTM_PVC_ROOT or /mnt/pvc)")
+    out.add_argument(
+        "--termination-log",
+        type=Path,
+        help=f"compact report path (default {DEFAULT_TERMINATION_LOG} if present)",
+    )
+    out.add_argument(
+        "--pvc-root", type=Path, help="where pvc://CLAIM is mounted (default $PTM_PVC_ROOT or /mnt/pvc)"
+    )
     out.add_argument("--json", action="store_true", help="print the full report as JSON instead of a summary")
     out.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -125,7 +157,9 @@ def _parse_input(text: str) -> dict[str, Any]:
         name, dtype, shape = text.split(":")
         dims = [int(d) for d in shape.split(",") if d.strip()]
     except ValueError as exc:
-        raise InvalidSpec(f"--input {text!r}: expected NAME:DTYPE:DIM,DIM,... e.g. input:float32:-1,3,224,224") from exc
+        raise InvalidSpec(
+            f"--input {text!r}: expected NAME:DTYPE:DIM,DIM,... e.g. input:float32:-1,3,224,224"
+        ) from exc
     if dtype not in {d.value for d in TensorDType}:
         raise InvalidSpec(f"--input {text!r}: dtype must be one of {', '.join(d.value for d in TensorDType)}")
     return {"name": name, "dtype": dtype, "shape": dims}
@@ -137,16 +171,23 @@ def build_request(args: argparse.Namespace) -> Any:
     from ptm_runtime.convert.pipeline import Request
 
     doc: dict[str, Any] = {}
-    if args.spec is not None:
+    if args.spec is not None and args.spec_json is not None:
+        raise InvalidSpec("give --spec or --spec-json, not both")
+    if args.spec is not None or args.spec_json is not None:
+        what = f"--spec {args.spec}" if args.spec is not None else "--spec-json"
         try:
-            loaded = yaml.safe_load(args.spec.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise InvalidSpec(f"--spec {args.spec}: {exc}") from exc
+            loaded = (
+                yaml.safe_load(args.spec.read_text()) if args.spec is not None else json.loads(args.spec_json)
+            )
+        except (OSError, yaml.YAMLError, ValueError) as exc:
+            raise InvalidSpec(f"{what}: {exc}") from exc
         if not isinstance(loaded, dict):
-            raise InvalidSpec(f"--spec {args.spec}: expected a mapping")
+            raise InvalidSpec(f"{what}: expected a mapping")
         doc = loaded
-    spec = doc.get("spec", doc) if isinstance(doc.get("spec", doc), dict) else {}
-    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    found_spec = doc.get("spec", doc)
+    spec: dict[str, Any] = found_spec if isinstance(found_spec, dict) else {}
+    found_meta = doc.get("metadata")
+    meta: dict[str, Any] = found_meta if isinstance(found_meta, dict) else {}
     source: dict[str, Any] = dict(spec.get("source") or {})
     conversion: dict[str, Any] = dict(spec.get("conversion") or {})
     optimization: dict[str, Any] = dict(spec.get("optimization") or {})
@@ -178,7 +219,9 @@ def build_request(args: argparse.Namespace) -> Any:
     if args.target:
         conversion["targets"] = args.target
     if args.precision:
-        optimization["precision"] = [p.strip() for item in args.precision for p in item.split(",") if p.strip()]
+        optimization["precision"] = [
+            p.strip() for item in args.precision for p in item.split(",") if p.strip()
+        ]
     put(optimization, "graphOptimizationLevel", args.graph_optimization_level)
     put(optimization, "keepIoFp32", args.keep_io_fp32)
     quant: dict[str, Any] = dict(optimization.get("quantization") or {})
@@ -263,7 +306,20 @@ def candidate_table(candidates: list[Candidate]) -> str:
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    rows = [("precision", "pass", "max|err|", "min cos", "mean cos", "top-1", "p50 b1 ms", "p50 b8 ms", "size", "why not")]
+    rows = [
+        (
+            "precision",
+            "pass",
+            "max|err|",
+            "min cos",
+            "mean cos",
+            "top-1",
+            "p50 b1 ms",
+            "p50 b8 ms",
+            "size",
+            "why not",
+        )
+    ]
     for c in candidates:
         m = c.metrics
         rows.append(
@@ -282,7 +338,8 @@ def candidate_table(candidates: list[Candidate]) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
-        "  " + "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows
+        "  " + "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        for r in rows
     )
 
 
@@ -353,4 +410,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

@@ -91,7 +91,9 @@ def _passthrough(source: Source, out: Path) -> Exported:
     model = onnx.load(str(source.onnx_path))
     onnx.save_model(model, str(out))  # inlines external data into one file
     inputs, outputs = onnx_inputs_outputs(model)
-    return Exported(out, source.exporter or "passthrough", model_opset(model), source.inputs or inputs, outputs)
+    return Exported(
+        out, source.exporter or "passthrough", model_opset(model), source.inputs or inputs, outputs
+    )
 
 
 def _dynamic_axes(inputs: list[TensorSpec], conversion: ConversionOptions) -> dict[str, list[int]]:
@@ -124,11 +126,18 @@ def _export_dynamo(
     names = [s.name for s in source.inputs]
     if source.program is not None:
         program = torch.onnx.export(
-            source.program, args, input_names=names, output_names=output_names, opset_version=opset, dynamo=True
+            source.program,
+            args,
+            input_names=names,
+            output_names=output_names,
+            opset_version=opset,
+            dynamo=True,
         )
     else:
         # FlatOutputs.forward(*args): torch.export sees one parameter holding the tuple
-        shapes = (tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic[name]} or None for name in names),)
+        shapes = (
+            tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic[name]} or None for name in names),
+        )
         program = torch.onnx.export(
             source.module,
             args,
@@ -139,6 +148,8 @@ def _export_dynamo(
             dynamic_shapes=shapes,
             verbose=False,
         )
+    if program is None:  # only the TorchScript exporter returns None
+        raise RuntimeError("the dynamo exporter returned no program")
     program.save(str(out), external_data=False)
 
 
@@ -151,7 +162,9 @@ def _export_torchscript(
     out: Path,
 ) -> None:
     axes: dict[str, dict[int, str]] = {
-        name: {a: ("batch" if a == 0 else f"{name}_{a}") for a in wanted} for name, wanted in dynamic.items() if wanted
+        name: {a: ("batch" if a == 0 else f"{name}_{a}") for a in wanted}
+        for name, wanted in dynamic.items()
+        if wanted
     }
     for name in output_names:
         wanted = set(conversion.dynamic_axes.get(name, []))

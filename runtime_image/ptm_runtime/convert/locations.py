@@ -16,10 +16,10 @@ xargs -d '\\n' sha256sum) | sha256sum`.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import shutil
-import socket
 import tarfile
 import urllib.error
 import urllib.parse
@@ -139,7 +139,9 @@ def extract(archive: Path, dest: Path) -> Path:
                 for name in zf.namelist():
                     target = (dest / name).resolve()
                     if target != root and root not in target.parents:
-                        raise InvalidSource(f"{archive.name}: member {name!r} would extract outside the folder")
+                        raise InvalidSource(
+                            f"{archive.name}: member {name!r} would extract outside the folder"
+                        )
                 zf.extractall(dest)
         else:
             with tarfile.open(archive) as tf:
@@ -168,7 +170,7 @@ def _fetch_http(uri: str, target: Path) -> Path:
         if exc.code in TRANSIENT_HTTP:
             raise Unavailable(f"{uri}: HTTP {exc.code} {exc.reason} (retrying may help)") from exc
         raise InvalidSource(f"{uri}: HTTP {exc.code} {exc.reason}") from exc
-    except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as exc:
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
         reason = getattr(exc, "reason", exc)
         raise Unavailable(f"{uri}: cannot download: {reason}") from exc
     if expected is not None and path.stat().st_size != int(expected):
@@ -185,14 +187,15 @@ def s3_client() -> Any:
     AWS_* variables or files."""
     try:
         import boto3
-        from botocore.config import Config
+
+        config_cls = importlib.import_module("botocore.config").Config
     except ImportError as exc:  # pragma: no cover - boto3 ships in the convert extra
         raise InvalidSpec("s3:// locations need boto3 (pip install 'ptm[convert]')") from exc
     endpoint = os.environ.get("S3_ENDPOINT")
     if endpoint and "://" not in endpoint:
         https = os.environ.get("S3_USE_HTTPS", "1") not in {"0", "false", "False"}
         endpoint = f"{'https' if https else 'http'}://{endpoint}"
-    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    config = config_cls(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
     return boto3.client("s3", endpoint_url=endpoint or None, config=config)
 
 
@@ -203,26 +206,35 @@ def split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+def botocore_errors() -> Any:
+    """botocore.exceptions (untyped; imported only where s3 is used)."""
+    return importlib.import_module("botocore.exceptions")
+
+
 def s3_error(uri: str, exc: Exception) -> Exception:
     """Map a botocore exception to InvalidSource (permanent) or Unavailable (transient)."""
-    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+    errors = botocore_errors()
 
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+    if isinstance(exc, errors.NoCredentialsError | errors.PartialCredentialsError):
         return InvalidSource(f"{uri}: no S3 credentials ({exc}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
-    if isinstance(exc, ClientError):
+    if isinstance(exc, errors.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         text = f"{uri}: S3 {code or status}: {error.get('Message', exc)}"
-        if status in TRANSIENT_HTTP or code in {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}:
+        if status in TRANSIENT_HTTP or code in {
+            "SlowDown",
+            "InternalError",
+            "ServiceUnavailable",
+            "RequestTimeout",
+        }:
             return Unavailable(text)
         return InvalidSource(text)
     return Unavailable(f"{uri}: S3 unreachable: {exc}")
 
 
 def _fetch_s3(uri: str, target: Path) -> Path:
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    errors = botocore_errors()
     bucket, key = split_s3(uri)
     client = s3_client()
     try:
@@ -243,19 +255,17 @@ def _fetch_s3(uri: str, target: Path) -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, obj, str(dest))
         return root
-    except (ClientError, BotoCoreError) as exc:
+    except (errors.ClientError, errors.BotoCoreError) as exc:
         raise s3_error(uri, exc) from exc
 
 
 def _s3_keys(client: Any, bucket: str, key: str) -> list[str]:
     """[key] when the object exists, else every key under key/ (a folder); none is an error."""
     if key and not key.endswith("/"):
-        from botocore.exceptions import ClientError
-
         try:
             client.head_object(Bucket=bucket, Key=key)
             return [key]
-        except ClientError as exc:
+        except botocore_errors().ClientError as exc:
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
             if status != 404:
                 raise

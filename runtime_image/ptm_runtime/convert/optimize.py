@@ -53,7 +53,9 @@ def _cap(level: GraphOptimizationLevel, cap: GraphOptimizationLevel) -> GraphOpt
     return level if _ORDER.index(level) <= _ORDER.index(cap) else cap
 
 
-def graph_optimize(src: Path, dst: Path, level: GraphOptimizationLevel, *, quantized: bool = False) -> list[str]:
+def graph_optimize(
+    src: Path, dst: Path, level: GraphOptimizationLevel, *, quantized: bool = False
+) -> list[str]:
     """ONNX Runtime offline graph optimization of `src` into `dst`; returns what was done."""
     import onnxruntime as ort
 
@@ -123,6 +125,7 @@ def int8_static(
     except Exception as exc:  # pre-processing is an optimization; quantize the export as it is
         log.info("quantization pre-processing skipped: %s", exc)
         prepared = src
+
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         """One sample at a time, at most `limit` of them."""
 
@@ -148,7 +151,9 @@ def int8_static(
         extra_options={"CalibTensorRangeSymmetric": False},
     )
     count = min(limit, sum(samples.batch_size_of(b) for b in calibration))
-    notes.append(f"int8-static (QDQ, {method.value} calibration on {count} samples{', per channel' if per_channel else ''})")
+    notes.append(
+        f"int8-static (QDQ, {method.value} calibration on {count} samples{', per channel' if per_channel else ''})"
+    )
     return notes
 
 
@@ -174,7 +179,9 @@ def build(
         cal = options.quantization.calibration
         if cal is None or calibration is None:
             raise InvalidSpec("precision int8-static needs quantization.calibration")
-        notes = int8_static(base, stage, calibration, cal.samples, cal.method, options.quantization.per_channel, out_dir)
+        notes = int8_static(
+            base, stage, calibration, cal.samples, cal.method, options.quantization.per_channel, out_dir
+        )
     notes += graph_optimize(stage, dst, options.graph_optimization_level, quantized=quantized)
     return dst, notes
 

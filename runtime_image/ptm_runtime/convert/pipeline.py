@@ -90,7 +90,9 @@ def convert(request: Request) -> Outcome:
     store = open_store(request.store, request.pvc_root)
     existing = store.find(request.namespace, request.name, request.revision)
     if existing is not None:
-        log.info("revision %s is already converted at %s; nothing to do", request.revision, existing.artifact_uri)
+        log.info(
+            "revision %s is already converted at %s; nothing to do", request.revision, existing.artifact_uri
+        )
         return Outcome(existing, reused=True)
     with tempfile.TemporaryDirectory(prefix="ptm-convert-") as tmp:
         return Outcome(_convert(request, store, Path(tmp)))
@@ -104,13 +106,18 @@ def _convert(request: Request, store: Store, work: Path) -> Report:
     pruning = opts.pruning.method is not PruningMethod.NONE and opts.pruning.sparsity > 0
     with timer.stage("fetch"):
         fetched = locations.fetch(
-            request.source.uri, work, want_dir=request.source.format in DIRECTORY_FORMATS, pvc_root=request.pvc_root
+            request.source.uri,
+            work,
+            want_dir=request.source.format in DIRECTORY_FORMATS,
+            pvc_root=request.pvc_root,
         )
         locations.check_pin(request.source.uri, fetched.sha256, request.source.sha256)
     with timer.stage("load"):
         source = sources.load(fetched.path, request.source, work, opset=request.conversion.opset)
         if pruning and not source.is_torch:
-            raise InvalidSpec(f"pruning runs in torch and needs a PyTorch source, not {request.source.format.value}")
+            raise InvalidSpec(
+                f"pruning runs in torch and needs a PyTorch source, not {request.source.format.value}"
+            )
         batch = _batch_size(source.inputs, request.conversion)
         batches = _validation_batches(request, source, batch, work)
         calibration = _calibration_batches(request, source, work)
@@ -122,12 +129,18 @@ def _convert(request: Request, store: Store, work: Path) -> Report:
         pruned = copy.deepcopy(source.module)
         sparsity, layers = optimize.prune(pruned, opts.pruning)
         exported_from = dataclasses.replace(source, module=pruned, program=None)
-        notes.append(f"pruning:{opts.pruning.method.value} {opts.pruning.sparsity:g} (measured {sparsity:.4f} "
-                     f"over {layers} layers)")
+        notes.append(
+            f"pruning:{opts.pruning.method.value} {opts.pruning.sparsity:g} (measured {sparsity:.4f} "
+            f"over {layers} layers)"
+        )
     with timer.stage("export"):
         base = work / "export.onnx"
         exported = export.export(exported_from, samples.rows(batches[0], 0, 2), request.conversion, base)
-    classifier = source.classifier if source.classifier is not None else request.validation.min_top1_agreement is not None
+    classifier = (
+        source.classifier
+        if source.classifier is not None
+        else request.validation.min_top1_agreement is not None
+    )
     logits = None if source.classifier is False else validate.logits_output(refs[0])
     ep = validate.provider()
     with timer.stage("validate"):
@@ -177,13 +190,17 @@ def _convert(request: Request, store: Store, work: Path) -> Report:
 
     for precision in dict.fromkeys(opts.precision):
         candidates.append(evaluate(precision))
-        log.info("candidate %s: %s", precision.value, "passed" if candidates[-1].passed else candidates[-1].reason)
+        log.info(
+            "candidate %s: %s", precision.value, "passed" if candidates[-1].passed else candidates[-1].reason
+        )
     winner = next((c for c in candidates if c.passed), None)
     validation_message = ""
     if winner is None:
         summary = "; ".join(f"{c.precision.value}: {c.reason}" for c in candidates)
         if request.validation.failure_policy is FailurePolicy.BLOCK:
-            raise ValidationFailed(f"no candidate passed validation (failurePolicy Block): {summary}", candidates)
+            raise ValidationFailed(
+                f"no candidate passed validation (failurePolicy Block): {summary}", candidates
+            )
         fallback = next((c for c in candidates if c.precision is Precision.FP32), None)
         if fallback is None:
             fallback = evaluate(Precision.FP32)

@@ -86,14 +86,19 @@ def synthetic(inputs: list[TensorSpec], samples: int, batch: int, seed: int = 0)
     (valid as indices into any embedding), random booleans. Dynamic non-batch dims get
     SYNTHETIC_DIM; the batch axis (first) gets `batch`."""
     if not inputs:
-        raise InvalidSpec("cannot build validation inputs: the input signature is unknown (set source.inputs)")
+        raise InvalidSpec(
+            "cannot build validation inputs: the input signature is unknown (set source.inputs)"
+        )
     rng = np.random.default_rng(seed)
     out: list[Batch] = []
     for start in range(0, samples, batch):
         n = min(batch, samples - start)
         feeds: Batch = {}
         for spec in inputs:
-            shape = [n if i == 0 and d == -1 else (SYNTHETIC_DIM if d == -1 else d) for i, d in enumerate(spec.shape)]
+            shape = [
+                n if i == 0 and d == -1 else (SYNTHETIC_DIM if d == -1 else d)
+                for i, d in enumerate(spec.shape)
+            ]
             if spec.shape and spec.shape[0] != -1:
                 shape[0] = spec.shape[0]
             dtype = numpy_dtype(spec.dtype)
@@ -107,7 +112,9 @@ def synthetic(inputs: list[TensorSpec], samples: int, batch: int, seed: int = 0)
     return out
 
 
-def text(tokenizer: Any, input_names: list[str], samples: int, batch: int, max_length: int = 128) -> list[Batch]:
+def text(
+    tokenizer: Any, input_names: list[str], samples: int, batch: int, max_length: int = 128
+) -> list[Batch]:
     """Tokenized sample sentences, padded per batch."""
     sentences = [SENTENCES[i % len(SENTENCES)] for i in range(samples)]
     # past one round, pair sentences so that later samples differ from the first ones
@@ -117,7 +124,11 @@ def text(tokenizer: Any, input_names: list[str], samples: int, batch: int, max_l
     limit = min(int(getattr(tokenizer, "model_max_length", max_length) or max_length), max_length)
     for start in range(0, samples, batch):
         enc = tokenizer(
-            sentences[start : start + batch], padding=True, truncation=True, max_length=limit, return_tensors="np"
+            sentences[start : start + batch],
+            padding=True,
+            truncation=True,
+            max_length=limit,
+            return_tensors="np",
         )
         missing = [n for n in input_names if n not in enc]
         if missing:
@@ -136,7 +147,9 @@ def from_npz(path: Path, inputs: list[TensorSpec], samples: int, batch: int, wha
     names = [s.name for s in inputs]
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise InvalidSource(f"{what}: {path.name} lacks arrays for inputs {missing} (it has {sorted(arrays)})")
+        raise InvalidSource(
+            f"{what}: {path.name} lacks arrays for inputs {missing} (it has {sorted(arrays)})"
+        )
     counts = {arrays[n].shape[0] if arrays[n].ndim else 0 for n in names}
     if len(counts) != 1 or 0 in counts:
         raise InvalidSource(f"{what}: arrays in {path.name} disagree on the number of samples or are scalars")
@@ -145,16 +158,22 @@ def from_npz(path: Path, inputs: list[TensorSpec], samples: int, batch: int, wha
     for start in range(0, total, batch):
         feeds: Batch = {}
         for spec in inputs:
-            arr = arrays[spec.name][start : start + batch]
+            arr = arrays[spec.name][start : min(start + batch, total)]
             want = spec.shape
             if want and len(want) != arr.ndim:
                 raise InvalidSource(
                     f"{what}: array {spec.name} has rank {arr.ndim}, the input expects shape {want}"
                 )
-            bad = [(i, a) for i, (a, w) in enumerate(zip(arr.shape, want, strict=False)) if i > 0 and w != -1 and a != w]
+            bad = [
+                (i, a)
+                for i, (a, w) in enumerate(zip(arr.shape, want, strict=False))
+                if i > 0 and w != -1 and a != w
+            ]
             if bad:
-                raise InvalidSource(f"{what}: array {spec.name} has shape {list(arr.shape)[1:]} per sample, "
-                                    f"the input expects {want[1:]}")
+                raise InvalidSource(
+                    f"{what}: array {spec.name} has shape {list(arr.shape)[1:]} per sample, "
+                    f"the input expects {want[1:]}"
+                )
             feeds[spec.name] = arr.astype(numpy_dtype(spec.dtype))
         out.append(feeds)
     return out

@@ -97,7 +97,9 @@ class FlatOutputs(torch.nn.Module):
     """Wraps a module so that forward(*inputs) returns a flat tuple of tensors; the names
     (`output`, `output_1`, dict keys...) are learnt on the first call."""
 
-    def __init__(self, inner: torch.nn.Module, select: Callable[[Any, tuple[Any, ...]], Any] | None = None) -> None:
+    def __init__(
+        self, inner: torch.nn.Module, select: Callable[[Any, tuple[Any, ...]], Any] | None = None
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.select = select
@@ -181,8 +183,18 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
                 "true if you trust it"
             ) from exc
         raise InvalidSource(f"{path.name}: corrupt checkpoint: {exc}") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ModuleNotFoundError) as exc:
-        raise InvalidSource(f"{path.name}: cannot read the checkpoint (truncated or corrupt?): {exc}") from exc
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        ModuleNotFoundError,
+    ) as exc:
+        raise InvalidSource(
+            f"{path.name}: cannot read the checkpoint (truncated or corrupt?): {exc}"
+        ) from exc
 
 
 def _factory(architecture: str) -> torch.nn.Module:
@@ -199,7 +211,9 @@ def _factory(architecture: str) -> torch.nn.Module:
     except Exception as exc:
         raise InvalidSpec(f"architecture {architecture}: calling {attr}() failed: {exc}") from exc
     if not isinstance(built, torch.nn.Module):
-        raise InvalidSpec(f"architecture {architecture}: {attr}() returned {type(built).__name__}, not a torch module")
+        raise InvalidSpec(
+            f"architecture {architecture}: {attr}() returned {type(built).__name__}, not a torch module"
+        )
     return built
 
 
@@ -207,7 +221,11 @@ def _as_state_dict(obj: Any, name: str) -> dict[str, Any]:
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model_state_dict", "model"):
             inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and all(isinstance(v, torch.Tensor) for v in inner.values())
+            ):
                 obj = inner
                 break
         tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -215,7 +233,9 @@ def _as_state_dict(obj: Any, name: str) -> dict[str, Any]:
             if all(k.startswith("module.") for k in tensors):
                 tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
             return tensors
-    raise InvalidSource(f"{name}: expected a state_dict (parameter names -> tensors), found {type(obj).__name__}")
+    raise InvalidSource(
+        f"{name}: expected a state_dict (parameter names -> tensors), found {type(obj).__name__}"
+    )
 
 
 def _state_dict(path: Path, options: SourceOptions) -> Source:
@@ -251,7 +271,7 @@ def _torchscript(path: Path, options: SourceOptions) -> Source:
     path = _single_file(path, "TorchScript")
     inputs = _need_inputs(options)
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     except (RuntimeError, ValueError, OSError) as exc:
         raise InvalidSource(f"{path.name}: not a readable TorchScript archive: {str(exc)[:800]}") from exc
     return Source(format=options.format, inputs=inputs, module=FlatOutputs(module.eval()))
@@ -284,8 +304,12 @@ def _program_inputs(program: Any) -> list[TensorSpec]:
 
 def _huggingface(path: Path, options: SourceOptions) -> Source:
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise InvalidSource(f"{path}: a Hugging Face source is a folder with config.json (and model.safetensors)")
-    weights = sorted(p.name for p in path.iterdir() if p.suffix == ".safetensors" or p.name == "pytorch_model.bin")
+        raise InvalidSource(
+            f"{path}: a Hugging Face source is a folder with config.json (and model.safetensors)"
+        )
+    weights = sorted(
+        p.name for p in path.iterdir() if p.suffix == ".safetensors" or p.name == "pytorch_model.bin"
+    )
     if not weights:
         raise InvalidSource(f"{path}: no weights (model.safetensors) next to config.json")
     try:
@@ -293,10 +317,14 @@ def _huggingface(path: Path, options: SourceOptions) -> Source:
     except (OSError, ValueError) as exc:
         raise InvalidSource(f"{path}/config.json: not valid JSON: {exc}") from exc
     if "auto_map" in config_data:
-        raise InvalidSource(f"{path}: the model needs custom code (auto_map, trust_remote_code); ptm runs none")
+        raise InvalidSource(
+            f"{path}: the model needs custom code (auto_map, trust_remote_code); ptm runs none"
+        )
     task = options.task or _infer_task(path, config_data)
     if task not in HF_TASKS:
-        raise InvalidSpec(f"task {task!r} is not supported for huggingface sources (supported: {sorted(HF_TASKS)})")
+        raise InvalidSpec(
+            f"task {task!r} is not supported for huggingface sources (supported: {sorted(HF_TASKS)})"
+        )
     auto_name, output_key, classifier = HF_TASKS[task]
     import transformers
 
@@ -322,7 +350,9 @@ def _huggingface(path: Path, options: SourceOptions) -> Source:
     elif "pixel_values" in accepted:
         inputs = [_pixel_values(model.config)]
     else:
-        raise InvalidSpec(f"cannot tell the inputs of {path} (no tokenizer, no image config); set source.inputs")
+        raise InvalidSpec(
+            f"cannot tell the inputs of {path} (no tokenizer, no image config); set source.inputs"
+        )
     if inputs and options.inputs and [s.name for s in options.inputs] != [s.name for s in inputs]:
         log.info("using the tokenizer's inputs %s", [s.name for s in inputs])
     names = [s.name for s in inputs]
@@ -496,7 +526,17 @@ def _tensorflow(path: Path, options: SourceOptions, workdir: Path, opset: int) -
         raise InvalidSource(f"{path}: not a TensorFlow SavedModel (no saved_model.pb)")
     out = workdir / "tf2onnx.onnx"
     proc = subprocess.run(
-        [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(path), "--output", str(out), "--opset", str(opset)],
+        [
+            sys.executable,
+            "-m",
+            "tf2onnx.convert",
+            "--saved-model",
+            str(path),
+            "--output",
+            str(out),
+            "--opset",
+            str(opset),
+        ],
         capture_output=True,
         text=True,
         check=False,

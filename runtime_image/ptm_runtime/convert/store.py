@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ptm_runtime.convert.errors import InvalidSpec, Unavailable
-from ptm_runtime.convert.locations import DEFAULT_PVC_ROOT, local_path, s3_client, s3_error, split_s3, to_uri
+from ptm_runtime.convert.locations import (
+    DEFAULT_PVC_ROOT,
+    botocore_errors,
+    local_path,
+    s3_client,
+    s3_error,
+    split_s3,
+    to_uri,
+)
 from ptm_runtime.report import MODEL_FILE, REPORT_FILE, Report, sha256_file
 
 log = logging.getLogger(__name__)
@@ -45,7 +53,9 @@ class Store(Protocol):
 
     def find(self, namespace: str, name: str, revision: str) -> Report | None: ...
 
-    def commit(self, namespace: str, name: str, revision: str, files: dict[str, Path], report: Report) -> Report: ...
+    def commit(
+        self, namespace: str, name: str, revision: str, files: dict[str, Path], report: Report
+    ) -> Report: ...
 
 
 def open_store(uri: str, pvc_root: Path = DEFAULT_PVC_ROOT) -> Store:
@@ -96,7 +106,9 @@ class LocalStore:
         final.rename(aside)
         return None
 
-    def commit(self, namespace: str, name: str, revision: str, files: dict[str, Path], report: Report) -> Report:
+    def commit(
+        self, namespace: str, name: str, revision: str, files: dict[str, Path], report: Report
+    ) -> Report:
         final = self._dir(namespace, name, revision)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -165,21 +177,22 @@ class S3Store:
         return f"s3://{self.bucket}/{self._key(namespace, name, revision, filename)}"
 
     def find(self, namespace: str, name: str, revision: str) -> Report | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
+        errors = botocore_errors()
         key = self._key(namespace, name, revision, REPORT_FILE)
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except ClientError as exc:
+        except errors.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
                 return None
             raise _store_error(self.uri, exc) from exc
-        except BotoCoreError as exc:
+        except errors.BotoCoreError as exc:
             raise _store_error(self.uri, exc) from exc
         report = Report.model_validate_json(body)
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(namespace, name, revision, MODEL_FILE))
-        except ClientError as exc:
+            head = self.client.head_object(
+                Bucket=self.bucket, Key=self._key(namespace, name, revision, MODEL_FILE)
+            )
+        except errors.ClientError as exc:
             if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0) == 404:
                 return None
             raise _store_error(self.uri, exc) from exc
@@ -189,9 +202,10 @@ class S3Store:
             return None
         return report
 
-    def commit(self, namespace: str, name: str, revision: str, files: dict[str, Path], report: Report) -> Report:
-        from botocore.exceptions import BotoCoreError, ClientError
-
+    def commit(
+        self, namespace: str, name: str, revision: str, files: dict[str, Path], report: Report
+    ) -> Report:
+        errors = botocore_errors()
         try:
             for filename, src in files.items():
                 self.client.upload_file(
@@ -206,7 +220,7 @@ class S3Store:
                 Body=report.model_dump_json(by_alias=True, exclude_none=True, indent=2).encode(),
                 ContentType="application/json",
             )
-        except (ClientError, BotoCoreError) as exc:
+        except (errors.ClientError, errors.BotoCoreError) as exc:
             raise _store_error(self.uri, exc) from exc
         return report
 

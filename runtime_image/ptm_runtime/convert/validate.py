@@ -74,7 +74,9 @@ def compare(refs: list[list[np.ndarray]], outs: list[list[np.ndarray]], logits: 
         for r, o in zip(ref_batch, out_batch, strict=True):
             if r.shape != o.shape:
                 raise ValueError(f"output shape {o.shape} differs from the reference {r.shape}")
-            r64 = r.astype(np.float64).reshape(r.shape[0], -1) if r.ndim else r.astype(np.float64).reshape(1, 1)
+            r64 = (
+                r.astype(np.float64).reshape(r.shape[0], -1) if r.ndim else r.astype(np.float64).reshape(1, 1)
+            )
             o64 = o.astype(np.float64).reshape(r64.shape)
             diff = np.abs(r64 - o64)
             if diff.size:
@@ -101,19 +103,25 @@ def compare(refs: list[list[np.ndarray]], outs: list[list[np.ndarray]], logits: 
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine; two zero rows agree (1.0), one zero row does not (0.0)."""
+    """Row-wise cosine; identical rows (zeros included) agree exactly (1.0), one zero row
+    against a non-zero one does not (0.0)."""
     na = np.linalg.norm(a, axis=1)
     nb = np.linalg.norm(b, axis=1)
     dot = (a * b).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = dot / (na * nb)
-    cos = np.where((na == 0) & (nb == 0), 1.0, cos)
+    cos = np.where((a == b).all(axis=1), 1.0, cos)
     cos = np.where((na == 0) ^ (nb == 0), 0.0, cos)
     return np.clip(cos, -1.0, 1.0)
 
 
 def finite(metrics: Metrics) -> bool:
-    values = [metrics.max_abs_error, metrics.mean_abs_error, metrics.cosine_similarity, metrics.mean_cosine_similarity]
+    values = [
+        metrics.max_abs_error,
+        metrics.mean_abs_error,
+        metrics.cosine_similarity,
+        metrics.mean_cosine_similarity,
+    ]
     return all(v is None or math.isfinite(v) for v in values)
 
 
@@ -130,7 +138,9 @@ def judge(metrics: Metrics, options: ValidationOptions, classifier: bool) -> tup
         )
     if options.min_top1_agreement is not None:
         if metrics.top1_agreement is None:
-            reasons.append("top-1 agreement unavailable (no [batch, classes] output) but minTop1Agreement is set")
+            reasons.append(
+                "top-1 agreement unavailable (no [batch, classes] output) but minTop1Agreement is set"
+            )
         elif metrics.top1_agreement < options.min_top1_agreement:
             reasons.append(
                 f"top-1 agreement {metrics.top1_agreement:.4f} < minTop1Agreement {options.min_top1_agreement:g}"
@@ -143,7 +153,9 @@ def judge(metrics: Metrics, options: ValidationOptions, classifier: bool) -> tup
         measure = "mean cosine"
     drop = max(drop, 0.0)
     if drop > options.max_accuracy_drop + 1e-12:
-        reasons.append(f"accuracy drop {drop:.4g} ({measure}) > maxAccuracyDrop {options.max_accuracy_drop:g}")
+        reasons.append(
+            f"accuracy drop {drop:.4g} ({measure}) > maxAccuracyDrop {options.max_accuracy_drop:g}"
+        )
     return not reasons, "; ".join(reasons), drop
 
 
@@ -162,7 +174,7 @@ def latency(sess: Any, batch: samples.Batch, dynamic_batch: bool) -> Latency:
         feeds = {n: feeds[n] for n in names}
         for _ in range(2):
             sess.run(None, feeds)
-        times = []
+        times: list[float] = []
         deadline = time.perf_counter() + LATENCY_BUDGET_S
         while len(times) < LATENCY_RUNS and (len(times) < 3 or time.perf_counter() < deadline):
             start = time.perf_counter()
