@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
+from kserve import (  # type: ignore[import-not-found]  # bench/.venv-kserve only
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    Model,
+    ModelServer,
+    model_server,
+)
 
 _V2 = {
     np.dtype(np.float32): "FP32",

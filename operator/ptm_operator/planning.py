@@ -124,9 +124,17 @@ class Plan:
     consume_annotations: list[str] = field(default_factory=list)
     """Annotations acted on (ptm.dev/promote, ptm.dev/abort), to be removed."""
 
-    def status_patch(self) -> dict[str, Any]:
-        """The whole status in wire form (lists are replaced, so it is sent complete)."""
-        return self.status.wire()
+    def status_patch(self, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The whole status in wire form, as a merge patch over `previous`.
+
+        Lists are replaced whole, so they are sent complete; fields cleared since `previous`
+        (e.g. canaryRevision after a promotion) are sent as null, or a merge patch keeps them.
+        """
+        patch: dict[str, Any] = self.status.wire()
+        for key in previous or {}:
+            if key not in patch and key != "kopf":
+                patch[key] = None
+        return patch
 
 
 # --- helpers ---------------------------------------------------------------------------------------

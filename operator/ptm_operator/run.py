@@ -30,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         namespaces=namespaces,
         standalone=args.standalone,
         peering_name=None if args.standalone else cfg.peering,
-        liveness_endpoint=f"http://0.0.0.0:{cfg.liveness_port}/healthz" if cfg.liveness_port else None,
+        liveness_endpoint=f"http://{cfg.bind_address}:{cfg.liveness_port}/healthz"
+        if cfg.liveness_port
+        else None,
     )
     return 0

@@ -43,9 +43,11 @@ class Settings(BaseSettings):
     """When set, canary analysis queries this Prometheus; otherwise pods are scraped directly."""
 
     metrics_port: int = 8080
-    """Operator /metrics port."""
+    """Operator /metrics port (0: none)."""
+    bind_address: str = "0.0.0.0"
+    """Address the metrics and liveness endpoints listen on (127.0.0.1 for local runs)."""
     liveness_port: int = 8081
-    """kopf liveness endpoint port (/healthz)."""
+    """kopf liveness endpoint port (/healthz; 0: none)."""
     peering: str = "ptm-operator"
     """kopf peering name: replicas with the same name elect one active operator."""
 

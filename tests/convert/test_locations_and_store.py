@@ -170,3 +170,28 @@ def test_directory_digest_matches_the_documented_shell_pipeline(tmp_path: Path) 
         shell=True, cwd=folder, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert digest(folder) == shell.stdout.split()[0]
+
+
+@pytest.mark.parametrize("hub", ["not-a-hub", "unreachable"])
+def test_hf_source_through_the_console_script(hub: str, http_root: tuple[str, Path], tmp_path: Path) -> None:
+    """The `ptm` console script in a fresh process (huggingface_hub reads its settings at import):
+    a server that is not a hub is a permanent error, an unreachable one a transient error."""
+    import os
+    import sys
+
+    endpoint = http_root[0] if hub == "not-a-hub" else f"http://127.0.0.1:{_closed_port()}"
+    term = tmp_path / "termination.log"
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("ptm")), "convert", "--source", "hf://acme/tiny-model@main",
+         "--format", "huggingface", "--store", str(tmp_path / "store"), "--name", "hf", "--termination-log", str(term)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    failure = json.loads(term.read_text())
+    if hub == "not-a-hub":
+        assert proc.returncode == EXIT_INVALID, proc.stderr[-2000:]
+        assert failure["reason"] == "InvalidSource" and "HTTP 404" in failure["message"]
+    else:
+        assert proc.returncode == EXIT_TRANSIENT, proc.stderr[-2000:]
+        assert failure["reason"] == "Unavailable" and not failure["permanent"]
+    assert "hf://acme/tiny-model@main" in proc.stderr

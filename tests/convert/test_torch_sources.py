@@ -199,3 +199,19 @@ def test_resnet18_state_dict_agrees_top1_at_fp32(convert: ConvertFn, tmp_path: P
     assert report.metrics.top1_agreement == 1.0
     assert report.metrics.cosine_similarity is not None and report.metrics.cosine_similarity > 0.9999
     assert report.outputs[0].shape == [-1, 1000]
+
+
+def test_fp16_without_fp32_io_changes_the_signature(
+    convert: ConvertFn, mlp_checkpoint: Path, tmp_path: Path
+) -> None:
+    run = convert(
+        "--source", str(mlp_checkpoint), *MLP, "--precision", "fp16", "--no-keep-io-fp32",
+        "--store", str(tmp_path / "store"), "--name", "mlp-fp16",
+    )  # fmt: skip
+    assert run.code == 0, run.stderr[-2000:]
+    report = run.report
+    assert report.precision.value == "fp16" and report.validation_passed
+    assert [(s.name, s.dtype.value) for s in report.inputs] == [("x", "float16")]
+    assert [o.dtype.value for o in report.outputs] == ["float16"]
+    assert "fp16" in report.optimizations
+    assert report.metrics.cosine_similarity is not None and report.metrics.cosine_similarity > 0.999

@@ -69,7 +69,11 @@ def test_pod_asking_for_more_gpus_than_any_node_has_stays_pending(cluster: Clust
     def unschedulable() -> dict[str, Any] | None:
         pod = get_pod(cluster, namespace, "too-many")
         for cond in pod.get("status", {}).get("conditions", []):
-            if cond["type"] == "PodScheduled" and cond["status"] == "False" and cond["reason"] == "Unschedulable":
+            if (
+                cond["type"] == "PodScheduled"
+                and cond["status"] == "False"
+                and cond["reason"] == "Unschedulable"
+            ):
                 return cond
         return None
 

@@ -100,3 +100,22 @@ def test_ptm_serve_help_through_the_ptm_command() -> None:
         timeout=60,
     )
     assert out.returncode == 0 and "Open Inference Protocol" in out.stdout
+
+
+def test_port_in_use_exits_1_with_the_reason(tmp_path: Path) -> None:
+    import socket
+
+    from tests.runtime import models
+
+    model = models.linear(tmp_path / "linear.onnx")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "ptm_runtime.serve.cli", str(model), "--http-port", str(port), "--grpc-port", "0",
+             "--metrics-port", "0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 1
+    assert "cannot listen on 127.0.0.1" in out.stderr and "Address already in use" in out.stderr

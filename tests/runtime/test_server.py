@@ -244,6 +244,13 @@ def test_grpc_typed_contents_and_malformed_messages(server: ServeProcess, linear
                 stub.ModelInfer(message, timeout=10)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert text in (err.value.details() or "")
+        # Past the message limit (the server's --max-body-bytes): refused, not buffered.
+        big = triton_pb.ModelInferRequest.InferInputTensor(
+            name="x", datatype="FP32", shape=[MAX_BODY // 16 + 1, 4]
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request(inputs=[big], raw_input_contents=[b"\0" * (MAX_BODY + 16)]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert stub.ServerReady(triton_pb.ServerReadyRequest(), timeout=10).ready
 
 
@@ -379,6 +386,8 @@ def test_metrics_endpoint(server: ServeProcess) -> None:
     ):
         assert family in text
     assert server.metric("ptm_requests_total", model="linear", protocol="rest", code="200") >= 1
+    assert server.metric("ptm_requests_total", model="linear", protocol="grpc", code="200") >= 1
+    assert server.metric("ptm_requests_total", model="linear", protocol="grpc", code="400") >= 1
     assert server.metric("ptm_model_load_seconds", model="linear") > 0
 
 

@@ -300,7 +300,20 @@ def _fetch_hf(uri: str, target: Path) -> Path:
         hf_errors.DisabledRepoError,
     )
     try:
-        snapshot_download(repo_id, revision=revision or None, local_dir=local)
+        # HF_ENDPOINT is read here, not at import time, so a job's environment always counts
+        snapshot_download(
+            repo_id,
+            revision=revision or None,
+            local_dir=local,
+            endpoint=os.environ.get("HF_ENDPOINT") or None,
+        )
+    except hf_errors.LocalEntryNotFoundError as exc:  # the hub did not answer as a hub (or offline mode)
+        cause = exc.__cause__ or exc.__context__
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        first = str(exc).splitlines()[0]
+        if isinstance(status, int) and 400 <= status < 500 and status not in TRANSIENT_HTTP:
+            raise InvalidSource(f"{uri}: the hub answered HTTP {status}: {first}") from exc
+        raise Unavailable(f"{uri}: cannot reach the hub: {first}") from exc
     except permanent as exc:
         raise InvalidSource(f"{uri}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:  # connection errors, 5xx, offline mode: may heal

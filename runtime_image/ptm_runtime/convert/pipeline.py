@@ -99,8 +99,6 @@ def convert(request: Request) -> Outcome:
 
 
 def _convert(request: Request, store: Store, work: Path) -> Report:
-    from ptm_runtime.convert import export, optimize, sources, validate
-
     timer = _Timer()
     opts = request.optimization
     pruning = opts.pruning.method is not PruningMethod.NONE and opts.pruning.sparsity > 0
@@ -112,6 +110,9 @@ def _convert(request: Request, store: Store, work: Path) -> Report:
             pvc_root=request.pvc_root,
         )
         locations.check_pin(request.source.uri, fetched.sha256, request.source.sha256)
+    # torch, onnx and onnxruntime load only now: a bad location fails fast and cheap
+    from ptm_runtime.convert import export, optimize, sources, validate
+
     with timer.stage("load"):
         source = sources.load(fetched.path, request.source, work, opset=request.conversion.opset)
         if pruning and not source.is_torch:
@@ -165,7 +166,8 @@ def _convert(request: Request, store: Store, work: Path) -> Report:
                 sess = validate.session(path, ep)
                 outs = validate.run(sess, batches)
                 metrics = validate.compare(refs, outs, logits)
-            except Exception as exc:
+                lat = validate.latency(sess, batches[0], request.conversion.dynamic_batch)
+            except Exception as exc:  # a candidate the runtime cannot run loses (fails closed)
                 return Candidate(
                     precision=precision,
                     passed=False,
@@ -174,7 +176,6 @@ def _convert(request: Request, store: Store, work: Path) -> Report:
                     reason=f"cannot run on {ep}: {str(exc)[:300]}",
                 )
             passed, reason, drop = validate.judge(metrics, request.validation, classifier)
-            lat = validate.latency(sess, batches[0], request.conversion.dynamic_batch)
         built[precision] = path
         return Candidate(
             precision=precision,

@@ -7,20 +7,20 @@ Outputs come back binary when the output's `parameters.binary_data` (or the requ
 `parameters.binary_data_output`) is true, the same way round.
 
 `parse_infer_request` and `encode_infer_response` are pure (bytes in, bytes out): the property
-test drives them with arbitrary bodies. JSON is strict: NaN and Infinity literals are refused
-in requests, and non-finite output values become null (request binary outputs to get them
-exactly).
+test drives them with arbitrary bodies. JSON is strict (orjson, several times faster than the
+standard library on large tensors): NaN and Infinity literals are refused in requests, and
+non-finite output values become null (request binary outputs to get them exactly). float32
+outputs are written as their shortest round-tripping decimal, so clients get the exact values.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -48,20 +48,18 @@ BINARY_TYPE = "application/octet-stream"
 PROTOCOL = "rest"
 
 
-def _no_constants(name: str) -> NoReturn:
-    raise InvalidInput(
-        f"the JSON body contains {name}, which is not valid JSON; send such values as binary data"
-    )
-
-
 def _loads(raw: bytes | memoryview, what: str) -> Any:
     try:
-        return json.loads(bytes(raw), parse_constant=_no_constants)
-    except InvalidInput:
-        raise
-    except RecursionError:
-        raise InvalidInput(f"the {what} is nested too deeply") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        text = bytes(raw)
+        for literal in (b"NaN", b"Infinity"):
+            if literal in text:
+                raise InvalidInput(
+                    f"the {what} contains {literal.decode()}, which is not valid JSON; send such values as binary data"
+                ) from None
+        if "depth limit" in str(exc):
+            raise InvalidInput(f"the {what} is nested too deeply") from None
         raise InvalidInput(f"the {what} is not valid JSON: {exc}") from None
 
 
@@ -169,14 +167,6 @@ def parse_infer_request(
     return InferRequest(inputs=inputs, outputs=outputs, id=request_id, parameters=request_params), flags
 
 
-def _json_data(array: np.ndarray) -> list[Any]:
-    flat = array.ravel()
-    if flat.dtype.kind == "f" and not bool(np.isfinite(flat).all()):
-        return [v if math.isfinite(v) else None for v in flat.tolist()]
-    values: list[Any] = flat.tolist()
-    return values
-
-
 def encode_infer_response(
     response: InferResponse, binary: dict[str, bool] | bool
 ) -> tuple[bytes, int | None]:
@@ -191,20 +181,20 @@ def encode_infer_response(
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = _json_data(out.data)
+            entry["data"] = np.ascontiguousarray(out.data).ravel()  # orjson writes numpy arrays
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id is not None:
         doc["id"] = response.id
     doc["outputs"] = outputs
-    header = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
 
 
 def _json(status: int, doc: dict[str, Any]) -> Response:
-    return Response(json.dumps(doc, separators=(",", ":")).encode(), status_code=status, media_type=JSON_TYPE)
+    return Response(orjson.dumps(doc), status_code=status, media_type=JSON_TYPE)
 
 
 def _error(exc: ServeError) -> Response:

@@ -167,7 +167,14 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
-        await self.start_listeners()
+        try:
+            await self.start_listeners()
+        except OSError as exc:
+            message = f"cannot listen on {self.settings.host}: {exc}"
+            log.error("%s", message)
+            self._write_termination_log(message)
+            await self.drain()
+            return 1
         code = 0
         loading = loop.create_task(self.load_model())
         stop_wait = loop.create_task(self._stop.wait())

@@ -1,0 +1,27 @@
+"""Fixtures for the operator's integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import Cluster
+from tests.integration.helpers import Operator
+
+
+@pytest.fixture
+def operator(cluster: Cluster, crd_installed: str, namespace: str, tmp_path: Path) -> Iterator[Operator]:
+    runtime_class = {
+        "apiVersion": "node.k8s.io/v1",
+        "kind": "RuntimeClass",
+        "metadata": {"name": "nvidia"},
+        "handler": "nvidia",
+    }
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(runtime_class))
+    op = Operator(cluster, namespace, tmp_path / "operator.log")
+    op.start()
+    yield op
+    op.stop()

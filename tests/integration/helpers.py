@@ -1,0 +1,244 @@
+"""Shared pieces of the operator's integration tests: the operator subprocess and kube helpers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ptm_runtime.options import Precision, TensorSpec
+from ptm_runtime.report import Candidate, Metrics, Report
+from tests.conftest import REPO, Cluster, wait_for
+
+EXAMPLE = REPO / "examples" / "vision-resnet.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Operator:
+    """`ptm operator` as a subprocess watching one namespace."""
+
+    def __init__(self, cluster: Cluster, namespace: str, log: Path) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = free_port()
+
+    def reconciles(self) -> float:
+        """Reconciles this operator process has finished (from its /metrics)."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return 0.0
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("ptm_operator_reconciles_total{")
+        )
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.cluster.kubeconfig),
+            "PTM_STORE_URI": "file:///var/lib/ptm-test-store",
+            "PTM_REQUEUE_SECONDS": "1",
+            "PTM_HEALTH_INTERVAL_SECONDS": "1",
+            "PTM_METRICS_PORT": str(self.metrics_port),
+            "PTM_LIVENESS_PORT": "0",
+            "PTM_BIND_ADDRESS": "127.0.0.1",
+            "PTM_CONVERTER_IMAGE": "ptm/convert:test",
+            "PTM_SERVE_IMAGE": "ptm/serve:test",
+        }
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ptm_operator.cli", "operator", "--standalone", "-n", self.namespace],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        out.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def get(
+    cluster: Cluster, namespace: str, kind: str, name: str | None = None, selector: str | None = None
+) -> Any:
+    args = ["get", kind, "-n", namespace, "-o", "json"]
+    if name:
+        args.insert(2, name)
+    if selector:
+        args += ["-l", selector]
+    proc = cluster.kubectl(*args, check=False)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout)
+
+
+def condition(obj: Any, type_: str) -> dict[str, Any] | None:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return dict(c)
+    return None
+
+
+def apply_model(cluster: Cluster, namespace: str, body: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(body))
+
+
+def example(name: str = "resnet50") -> dict[str, Any]:
+    """The vision example, asking for the GPU model the kwok nodes advertise."""
+    body: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    body["metadata"]["name"] = name
+    body["spec"]["serving"]["gpuSelector"]["products"] = ["NVIDIA-H100-80GB-HBM3"]
+    return body
+
+
+def report_for(revision: str, *, passed: bool = True) -> Report:
+    return Report(
+        artifact_uri=f"file:///var/lib/ptm-test-store/ns/model/{revision}/model.onnx",
+        sha256="ab" * 32,
+        size_bytes=46_000_000,
+        opset=18,
+        precision=Precision.FP16 if passed else Precision.FP32,
+        inputs=[TensorSpec(name="input", shape=[-1, 3, 224, 224])],
+        outputs=[TensorSpec(name="logits", shape=[-1, 1000])],
+        exporter="dynamo",
+        optimizations=["ort-extended", "fp16"],
+        validation_passed=passed,
+        metrics=Metrics(cosine_similarity=0.9995, top1_agreement=1.0),
+        candidates=[
+            Candidate(
+                precision=Precision.FP16,
+                passed=passed,
+                reason="" if passed else "top-1 agreement 0.82 < 0.99",
+            ),
+            Candidate(
+                precision=Precision.FP32, passed=passed, reason="" if passed else "cosine 0.97 < 0.999"
+            ),
+        ],
+    )
+
+
+def job_for(cluster: Cluster, namespace: str, revision: str | None = None) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        jobs = get(cluster, namespace, "jobs", selector="app.kubernetes.io/component=converter")
+        items = [
+            j
+            for j in (jobs or {}).get("items", [])
+            if revision is None or j["metadata"]["labels"]["ptm.dev/revision"] == revision
+        ]
+        return items[0] if items else None
+
+    return wait_for(find, 60, f"a conversion Job{' for ' + revision if revision else ''}")
+
+
+def finish_job_pod(
+    cluster: Cluster, namespace: str, job: dict[str, Any], exit_code: int, message: str
+) -> None:
+    """Write what a kubelet writes when the converter container exits."""
+    job_name = job["metadata"]["name"]
+
+    def running_pod() -> dict[str, Any] | None:
+        pods = get(cluster, namespace, "pods", selector=f"batch.kubernetes.io/job-name={job_name}")
+        items = [
+            p for p in (pods or {}).get("items", []) if (p.get("status") or {}).get("phase") == "Running"
+        ]
+        return items[0] if items else None
+
+    pod = wait_for(running_pod, 60, f"the pod of Job {job_name} to run on a kwok node")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    phase = "Succeeded" if exit_code == 0 else "Failed"
+    status = {
+        "status": {
+            "phase": phase,
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
+            ],
+            "containerStatuses": [
+                {
+                    "name": "convert",
+                    "image": pod["spec"]["containers"][0]["image"],
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {
+                        "terminated": {
+                            "exitCode": exit_code,
+                            "reason": "Completed" if exit_code == 0 else "Error",
+                            "message": message,
+                            "startedAt": now,
+                            "finishedAt": now,
+                        }
+                    },
+                }
+            ],
+        }
+    }
+    cluster.kubectl(
+        "patch",
+        "pod",
+        pod["metadata"]["name"],
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )
+
+
+def model_status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    obj = get(cluster, namespace, "pretrainedmodels", name)
+    return dict((obj or {}).get("status") or {})
+
+
+def serve_to_ready(cluster: Cluster, namespace: str, name: str = "resnet50") -> str:
+    """Drive a freshly applied model through conversion to Ready; returns its revision."""
+    job = job_for(cluster, namespace)
+    revision = job["metadata"]["labels"]["ptm.dev/revision"]
+    finish_job_pod(cluster, namespace, job, 0, report_for(revision).compact())
+    wait_for(
+        lambda: (
+            (c := condition(get(cluster, namespace, "pretrainedmodels", name), "Ready"))
+            and c["status"] == "True"
+            and c
+        ),
+        90,
+        f"{name} Ready=True",
+    )
+    return str(revision)

@@ -1,0 +1,228 @@
+"""Canary updates on the real API server with kwok GPU nodes: steps, promotion, rollback, restart."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.conftest import Cluster, wait_for
+from tests.integration.helpers import (
+    Operator,
+    apply_model,
+    condition,
+    example,
+    finish_job_pod,
+    get,
+    model_status,
+    report_for,
+    serve_to_ready,
+)
+
+
+def canary_model(steps: list[dict[str, Any]], replicas: int = 2, **rollout: Any) -> dict[str, Any]:
+    body = example()
+    body["spec"]["serving"].pop("autoscaling", None)
+    body["spec"]["serving"]["replicas"] = replicas
+    body["spec"]["rollout"] = {
+        "steps": steps,
+        "analysis": {"interval": "1s", "failureLimit": 1, "minRequests": 1},
+        "scaleDownDelaySeconds": 2,
+        **rollout,
+    }
+    return body
+
+
+def start_update(cluster: Cluster, namespace: str, body: dict[str, Any], first: str) -> str:
+    """Change the artifact (precision list), let the new conversion succeed; returns the new revision."""
+    body["spec"]["optimization"]["precision"] = ["fp32"]
+    apply_model(cluster, namespace, body)
+    job = job_for_other(cluster, namespace, first)
+    second = str(job["metadata"]["labels"]["ptm.dev/revision"])
+    finish_job_pod(cluster, namespace, job, 0, report_for(second).compact())
+    return second
+
+
+def job_for_other(cluster: Cluster, namespace: str, not_revision: str) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        items = get(cluster, namespace, "jobs", selector="app.kubernetes.io/component=converter")["items"]
+        others = [j for j in items if j["metadata"]["labels"]["ptm.dev/revision"] != not_revision]
+        return others[0] if others else None
+
+    return wait_for(find, 60, "a conversion Job for the new revision")
+
+
+def at_step(cluster: Cluster, namespace: str, step: int) -> dict[str, Any] | None:
+    st = model_status(cluster, namespace, "resnet50")
+    return st if st.get("canaryRevision") and st.get("currentStep") == step else None
+
+
+def test_healthy_update_walks_the_steps_and_promotes(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    steps = [
+        {"setWeight": 10},
+        {"pause": {"duration": "2s"}},
+        {"analysis": {"duration": "2s"}},
+        {"setWeight": 50},
+        {"pause": {"duration": "2s"}},
+    ]
+    body = canary_model(steps)
+    apply_model(cluster, namespace, body)
+    first = serve_to_ready(cluster, namespace)
+    second = start_update(cluster, namespace, body, first)
+
+    seen: list[tuple[int, int]] = []
+
+    def promoted() -> dict[str, Any] | None:
+        st = model_status(cluster, namespace, "resnet50")
+        if st.get("canaryRevision") == second:
+            seen.append((st["currentStep"], st["canaryWeight"]))
+        return st if st.get("stableRevision") == second and not st.get("canaryRevision") else None
+
+    st = wait_for(promoted, 90, "the canary to be promoted", interval=0.1)
+    steps_seen = {s for s, _ in seen}
+    assert {1, 4} <= steps_seen or len(steps_seen) >= 2, seen
+    assert any(w > 0 for _, w in seen), seen
+    revisions = {r["revision"]: r for r in st["revisions"]}
+    assert revisions[second]["state"] == "Stable"
+    assert revisions[first]["state"] == "Superseded"
+    # The old revision scales down after scaleDownDelaySeconds.
+    wait_for(
+        lambda: get(cluster, namespace, "deployment", f"resnet50-{first}") is None,
+        30,
+        "the old Deployment to go",
+    )
+    dep = get(cluster, namespace, "deployment", f"resnet50-{second}")
+    assert dep["spec"]["replicas"] == 2
+    ready = condition(get(cluster, namespace, "pretrainedmodels", "resnet50"), "Ready")
+    assert ready is not None
+
+
+def test_crash_looping_canary_is_rolled_back_without_analysis(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    body = canary_model([{"setWeight": 50}, {"pause": {}}])
+    apply_model(cluster, namespace, body)
+    first = serve_to_ready(cluster, namespace)
+    second = start_update(cluster, namespace, body, first)
+    wait_for(lambda: at_step(cluster, namespace, 1), 60, "the canary to reach the indefinite pause")
+
+    def canary_pod() -> dict[str, Any] | None:
+        pods = get(
+            cluster,
+            namespace,
+            "pods",
+            selector=f"ptm.dev/revision={second},app.kubernetes.io/component=serving",
+        )
+        running = [p for p in pods["items"] if p["status"].get("phase") == "Running"]
+        return running[0] if running else None
+
+    pod = wait_for(canary_pod, 60, "a running canary pod")
+    crash = {
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "server",
+                    "image": "ptm/serve:test",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 4,
+                    "state": {
+                        "waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting"}
+                    },
+                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
+                }
+            ]
+        }
+    }
+    cluster.kubectl(
+        "patch",
+        "pod",
+        pod["metadata"]["name"],
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(crash),
+    )
+
+    def rolled_back() -> dict[str, Any] | None:
+        c = condition(get(cluster, namespace, "pretrainedmodels", "resnet50"), "Degraded")
+        return c if c and c["reason"] == "RolledBack" else None
+
+    degraded = wait_for(rolled_back, 30, "the canary to be rolled back")
+    assert "CrashLoopBackOff" in degraded["message"]
+    st = model_status(cluster, namespace, "resnet50")
+    assert st["stableRevision"] == first and not st.get("canaryRevision")
+    assert {r["revision"]: r["state"] for r in st["revisions"]}[second] == "RolledBack"
+    assert st["remediations"][-1]["action"] == "Rollback" and st["remediations"][-1]["revision"] == second
+    wait_for(
+        lambda: get(cluster, namespace, "deployment", f"resnet50-{second}") is None,
+        30,
+        "the canary Deployment to go",
+    )
+    assert get(cluster, namespace, "deployment", f"resnet50-{first}")["spec"]["replicas"] == 2
+    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    assert any(e["reason"] == "RolledBack" for e in events)
+
+
+def test_promote_annotation_and_operator_restart_mid_canary(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    body = canary_model([{"setWeight": 10}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}])
+    apply_model(cluster, namespace, body)
+    first = serve_to_ready(cluster, namespace)
+    second = start_update(cluster, namespace, body, first)
+    before = wait_for(lambda: at_step(cluster, namespace, 1), 60, "the canary to reach step 1")
+
+    operator.kill()
+    operator.start()
+    wait_for(lambda: operator.reconciles() >= 3, 30, "the restarted operator to reconcile a few times")
+    after = model_status(cluster, namespace, "resnet50")
+    assert after["canaryRevision"] == second
+    assert after["currentStep"] == before["currentStep"] == 1
+    assert after["stepStartedAt"] == before["stepStartedAt"]
+    assert after["canaryWeight"] == before["canaryWeight"]
+
+    cluster.kubectl("annotate", "ptm", "resnet50", "-n", namespace, "ptm.dev/promote=true")
+    st = wait_for(
+        lambda: (s := model_status(cluster, namespace, "resnet50")).get("stableRevision") == second and s,
+        30,
+        "promotion by annotation",
+    )
+    assert not st.get("canaryRevision")
+    annotations = get(cluster, namespace, "pretrainedmodels", "resnet50")["metadata"].get("annotations", {})
+    assert "ptm.dev/promote" not in annotations  # consumed
+
+    # spec.revision pins the older revision: the same machinery rolls back to it.
+    body["spec"]["revision"] = first
+    body["spec"]["rollout"]["steps"] = [{"setWeight": 50}]
+    apply_model(cluster, namespace, body)
+    wait_for(
+        lambda: model_status(cluster, namespace, "resnet50").get("stableRevision") == first,
+        60,
+        "the pinned revision to serve again",
+    )
+
+
+def test_canary_without_gpus_aborts_at_progress_deadline(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    gpus = sum(int(n["status"].get("allocatable", {}).get("nvidia.com/gpu", "0")) for n in nodes)
+    body = canary_model([{"setWeight": 50}, {"pause": {}}], replicas=gpus, progressDeadlineSeconds=30)
+    apply_model(cluster, namespace, body)
+    first = serve_to_ready(cluster, namespace)
+    second = start_update(cluster, namespace, body, first)
+
+    def rolled_back() -> dict[str, Any] | None:
+        c = condition(get(cluster, namespace, "pretrainedmodels", "resnet50"), "Degraded")
+        return c if c and c["reason"] == "RolledBack" else None
+
+    degraded = wait_for(rolled_back, 75, "the rollout to abort at the progress deadline")
+    assert "progressDeadlineSeconds 30" in degraded["message"]
+    assert "Insufficient nvidia.com/gpu" in degraded["message"]
+    st = model_status(cluster, namespace, "resnet50")
+    assert st["stableRevision"] == first
+    assert {r["revision"]: r["state"] for r in st["revisions"]}[second] == "RolledBack"
