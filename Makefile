@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 EXTRAS := operator,serve,convert,dev
 PYTEST_ARGS ?=
 
-.PHONY: help venv cluster-bins cluster-up cluster-down cluster-status crd lint test test-unit demo demo-down clean
+.PHONY: help venv cluster-bins cluster-up cluster-down cluster-status crd lint test test-unit demo demo-down down clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -34,10 +34,14 @@ cluster-down: venv ## stop the local cluster (exactly the PIDs it started)
 cluster-status: venv ## show the local cluster's components
 	$(PY) -m ptm_operator.devcluster status
 
-lint: venv ## ruff + mypy --strict on both packages
+lint: venv ## ruff + mypy --strict on both packages, and the committed CRD is current
 	$(VENV)/bin/ruff check operator runtime_image tests bench
 	$(VENV)/bin/ruff format --check operator runtime_image tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/ptm crd --check
+
+crd: venv ## regenerate crds/ and the chart's copy from the pydantic models
+	$(VENV)/bin/ptm crd
 
 test: venv cluster-bins lint ## lint, then every test (starts the cluster itself)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -48,7 +52,10 @@ test-unit: venv ## the fast tests that need no cluster
 demo: venv cluster-bins ## start the cluster, install the CRD, run the operator, apply an example
 	$(PY) -m ptm_operator.demo
 
-demo-down: cluster-down ## stop what `make demo` started
+demo-down: venv ## stop what `make demo` started (the operator and the cluster)
+	$(PY) -m ptm_operator.demo down
+
+down: demo-down ## alias of demo-down
 
 clean: ## remove the venv and caches (the cluster binary cache in ~/.cache/ptm stays)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -37,6 +37,12 @@ def _plan(argv: Sequence[str]) -> int:
     return plan_main(list(argv))
 
 
+def _doctor(argv: Sequence[str]) -> int:
+    from ptm_operator.doctor import main as doctor_main
+
+    return doctor_main(list(argv))
+
+
 def _convert(argv: Sequence[str]) -> int:
     from ptm_runtime.convert.cli import main as convert_main
 
@@ -47,6 +53,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "operator": ("run the operator (kopf) against the current cluster", _operator),
     "plan": ("show what the operator would create or change for a manifest, without acting", _plan),
     "crd": ("generate the PretrainedModel CRD (--check: fail when stale)", _crd),
+    "doctor": ("explain why a PretrainedModel is not serving, most urgent cause first", _doctor),
     "devcluster": ("start/stop the local test cluster", _devcluster),
     "convert": ("convert a checkpoint to a validated, optimized ONNX artifact and report", _convert),
     "serve": ("serve an ONNX model over the Open Inference Protocol (REST, gRPC, metrics)", _serve),

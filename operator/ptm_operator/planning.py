@@ -7,7 +7,6 @@ restarted operator recomputes the same plan from the resource's status and its c
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,7 +32,14 @@ from ptm_operator.conditions import set_condition, with_ready
 from ptm_operator.revision import revision_of
 from ptm_operator.rollout import step_rollout
 from ptm_operator.settings import Settings
-from ptm_runtime.report import EXIT_INVALID, EXIT_VALIDATION_FAILED, Report
+from ptm_runtime.report import (
+    EXIT_INVALID,
+    EXIT_VALIDATION_FAILED,
+    Candidate,
+    Failure,
+    Report,
+    read_termination_message,
+)
 
 #: Revisions that have a usable artifact.
 SERVABLE = frozenset(
@@ -151,22 +157,21 @@ BAD_WAITING = frozenset(
 )
 
 
-def report_from_message(message: str | None) -> Report | None:
-    """The converter's compact report from a termination message, or None if it is not one."""
+def termination_record(message: str | None) -> Report | Failure | None:
+    """The converter's Report or Failure from a termination message; None if it is neither."""
     if not message:
         return None
     try:
-        return Report.model_validate(json.loads(message))
+        return read_termination_message(message)
     except (ValueError, ValidationError):
         return None
 
 
-def candidates_summary(report: Report) -> str:
+def candidates_summary(candidates: list[Candidate]) -> str:
     """'fp16: cosine 0.91 < 0.99; fp32: passed' — the candidates table in one line."""
-    parts = []
-    for c in report.candidates:
-        parts.append(f"{c.precision.value}: {'passed' if c.passed else (c.reason or 'failed')}")
-    return "; ".join(parts)
+    return "; ".join(
+        f"{c.precision.value}: {'passed' if c.passed else (c.reason or 'failed')}" for c in candidates
+    )
 
 
 def pod_problems(pods: list[PodObservation], revision: str) -> tuple[str, str] | None:
@@ -305,8 +310,8 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
             cond.set(ConditionType.PROGRESSING, True, "Converting", f"converting revision {desired}")
             waiting.append(f"conversion of revision {desired}")
         elif job.succeeded:
-            report = report_from_message(job.termination_message)
-            if report is None:
+            report = termination_record(job.termination_message)
+            if not isinstance(report, Report):
                 record.state = RevisionState.FAILED
                 record.message = "the conversion Job succeeded but its pod left no readable report"
                 cond.set(ConditionType.CONVERTED, False, "ReportMissing", record.message)
@@ -318,33 +323,36 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
                     "Converted",
                     f"revision {desired}: {report.exporter or 'onnx'} opset {report.opset}",
                 )
+                table = candidates_summary(report.candidates)
                 if report.validation_passed:
                     record.state = RevisionState.VALIDATED
                     cond.set(
                         ConditionType.VALIDATED,
                         True,
                         "Validated",
-                        f"revision {desired}: {report.precision.value} passed ({candidates_summary(report)})",
+                        f"revision {desired}: {report.precision.value} passed ({table})",
                     )
-                else:
-                    record.state = RevisionState.FAILED
-                    record.message = f"validation failed: {candidates_summary(report)}"
+                else:  # failurePolicy Warn: served, but said so
+                    record.state = RevisionState.VALIDATED
+                    record.message = f"validation failed, served anyway (failurePolicy Warn): {table}"
                     cond.set(
                         ConditionType.VALIDATED,
                         False,
-                        "ValidationFailed",
+                        "ValidationWarned",
                         f"revision {desired}: {record.message}",
                     )
         elif job.failed:
-            report = report_from_message(job.termination_message)
+            failure = termination_record(job.termination_message)
             record.state = RevisionState.FAILED
-            if job.exit_code == EXIT_VALIDATION_FAILED or (
-                report is not None and not report.validation_passed
-            ):
-                summary = candidates_summary(report) if report else (job.termination_message or "")[-500:]
-                record.message = f"validation failed: {summary}"
-                if report is not None:
-                    _record_report(record, report)
+            detail = job.termination_message or job.failure_message or job.failure_reason
+            if isinstance(failure, Failure):
+                table = candidates_summary(failure.candidates)
+                detail = f"{failure.message}" + (f" ({table})" if table else "")
+            validation = job.exit_code == EXIT_VALIDATION_FAILED or (
+                isinstance(failure, Failure) and failure.reason == "ValidationFailed"
+            )
+            if validation:
+                record.message = f"validation failed: {detail[-1500:]}"
                 cond.set(ConditionType.CONVERTED, True, "Converted", f"revision {desired} converted")
                 cond.set(
                     ConditionType.VALIDATED,
@@ -352,16 +360,12 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
                     "ValidationFailed",
                     f"revision {desired}: {record.message}",
                 )
-            elif job.exit_code == EXIT_INVALID:
-                record.message = (
-                    f"invalid source or spec: {(job.termination_message or job.failure_message)[-500:]}"
-                )
-                cond.set(
-                    ConditionType.CONVERTED, False, "InvalidSource", f"revision {desired}: {record.message}"
-                )
+            elif job.exit_code == EXIT_INVALID or (isinstance(failure, Failure) and failure.permanent):
+                reason = failure.reason if isinstance(failure, Failure) else "InvalidSource"
+                record.message = f"{reason}: {detail[-1500:]}"
+                cond.set(ConditionType.CONVERTED, False, reason, f"revision {desired}: {record.message}")
             else:
-                detail = job.termination_message or job.failure_message or job.failure_reason
-                record.message = f"conversion failed ({job.failure_reason or 'Failed'}): {detail[-500:]}"
+                record.message = f"conversion failed ({job.failure_reason or 'Failed'}): {detail[-1500:]}"
                 cond.set(
                     ConditionType.CONVERTED,
                     False,
@@ -375,7 +379,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
             waiting.append(f"conversion Job {job.name}")
         status.revisions = _upsert(status.revisions, record)
     elif record is not None and record.state is RevisionState.FAILED:
-        reason = "ValidationFailed" if record.message.startswith("validation") else "ConversionFailed"
+        reason = "ValidationFailed" if record.message.startswith("validation failed") else "ConversionFailed"
         if reason == "ValidationFailed":
             cond.set(ConditionType.VALIDATED, False, reason, f"revision {desired}: {record.message}")
         else:

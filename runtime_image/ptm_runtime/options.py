@@ -337,6 +337,10 @@ class RuntimeOptions(Options):
     """Execution providers in order of preference; the first that loads is used and reported."""
     batching: BatchingOptions = Field(default_factory=BatchingOptions)
     """Dynamic batching."""
+    concurrent_runs: int = Field(default=1, ge=1, le=64)
+    """Batches the model runs at once (ONNX Runtime sessions are thread-safe). On CPUs where
+    one run leaves cores idle, 2 overlaps runs and raises throughput; each run uses
+    intraOpThreads threads."""
     intra_op_threads: int = Field(default=0, ge=0, le=256)
     """ONNX Runtime intra-op threads (0: one per available core)."""
     inter_op_threads: int = Field(default=0, ge=0, le=256)

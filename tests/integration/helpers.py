@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ptm_runtime.options import Precision, TensorSpec
-from ptm_runtime.report import Candidate, Metrics, Report
+from ptm_runtime.report import EXIT_VALIDATION_FAILED, Candidate, Failure, Metrics, Report
 from tests.conftest import REPO, Cluster, wait_for
 
 EXAMPLE = REPO / "examples" / "vision-resnet.yaml"
@@ -150,6 +150,21 @@ def report_for(revision: str, *, passed: bool = True) -> Report:
             Candidate(
                 precision=Precision.FP32, passed=passed, reason="" if passed else "cosine 0.97 < 0.999"
             ),
+        ],
+    )
+
+
+def failure_for(revision: str) -> Failure:
+    """What `ptm convert` writes when no candidate passes the gate."""
+    return Failure(
+        revision=revision,
+        reason="ValidationFailed",
+        message="no candidate passed the validation gate",
+        exit_code=EXIT_VALIDATION_FAILED,
+        permanent=True,
+        candidates=[
+            Candidate(precision=Precision.INT8_DYNAMIC, passed=False, reason="top-1 agreement 0.82 < 0.99"),
+            Candidate(precision=Precision.FP32, passed=False, reason="cosine 0.97 < 0.999"),
         ],
     )
 

@@ -18,6 +18,7 @@ from tests.integration.helpers import (
     apply_model,
     condition,
     example,
+    failure_for,
     finish_job_pod,
     get,
     job_for,
@@ -118,7 +119,7 @@ def test_failed_validation_keeps_previous_revision_and_serving_change_does_not_r
     )
     second = jobs[0]["metadata"]["labels"]["ptm.dev/revision"]
     finish_job_pod(
-        cluster, namespace, jobs[0], EXIT_VALIDATION_FAILED, report_for(second, passed=False).compact()
+        cluster, namespace, jobs[0], EXIT_VALIDATION_FAILED, failure_for(second).compact()
     )
     validated = wait_for(
         lambda: (

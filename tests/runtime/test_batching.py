@@ -129,3 +129,26 @@ def test_deadline_expires_in_the_queue(slow: OnnxModel) -> None:
         await batcher.close(5)
 
     asyncio.run(main())
+
+
+def test_concurrent_runs_compute_two_batches_at_once(slow: OnnxModel) -> None:
+    async def main() -> None:
+        batcher = Batcher(
+            slow.infer,
+            max_batch_size=1,
+            max_queue_delay_ms=0,
+            max_queue_size=8,
+            batching=False,
+            concurrent_runs=2,
+        )
+        batcher.start()
+        x = {"x": np.ones((1, 4), np.float32)}
+        jobs = [asyncio.ensure_future(batcher.submit(x, 1, (), timeout=30)) for _ in range(2)]
+        await asyncio.sleep(0)
+        while batcher.depth:  # with one run at a time, the second would stay queued until the first is done
+            await asyncio.sleep(0.001)
+        assert not any(job.done() for job in jobs)
+        await asyncio.gather(*jobs)
+        assert await batcher.close(5)
+
+    asyncio.run(main())

@@ -455,18 +455,17 @@ def test_batching_on_and_off_give_identical_outputs(
     )  # every batch had exactly one row
 
 
-def test_full_queue_answers_429_and_resource_exhausted(serve_factory: ServeFactory, slow_model: Path) -> None:
-    server = serve_factory(
-        slow_model,
-        "--max-batch-size",
-        "1",
-        "--max-queue-size",
-        "1",
-        "--intra-op-threads",
-        "1",
-        "--warmup-requests",
-        "1",
-    )
+@pytest.fixture(scope="module")
+def slow_server(serve_factory: ServeFactory, slow_model: Path) -> ServeProcess:
+    """One request computes at a time (about 0.4 s), one more may wait."""
+    return serve_factory(
+        slow_model, "--max-batch-size", "1", "--max-queue-size", "1", "--intra-op-threads", "1",
+        "--warmup-requests", "1",
+    )  # fmt: skip
+
+
+def test_full_queue_answers_429_and_resource_exhausted(slow_server: ServeProcess) -> None:
+    server = slow_server
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}]}
 
     def rest(_: int) -> httpx.Response:
@@ -500,6 +499,25 @@ def test_full_queue_answers_429_and_resource_exhausted(serve_factory: ServeFacto
     assert set(statuses) == {"OK", "StatusCode.RESOURCE_EXHAUSTED"}, statuses
     client.close()
     assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_a_request_whose_client_left_is_dropped_from_the_queue(slow_server: ServeProcess) -> None:
+    server = slow_server
+    url = f"{server.url}/v2/models/model/infer"
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 1.0, 1.0, 1.0]}]}
+    batches = server.metric("ptm_batch_size_count", model="model")
+    left = server.metric("ptm_requests_total", protocol="rest", code="499")
+    with ThreadPoolExecutor(1) as pool:
+        computing = pool.submit(httpx.post, url, json=body, timeout=60)
+        _wait_for(lambda: server.metric("ptm_requests_in_flight", model="model") == 1, "the first request")
+        with pytest.raises(httpx.ReadTimeout):  # queued behind it; the client gives up and leaves
+            httpx.post(url, json=body, timeout=httpx.Timeout(5, read=0.1))
+        _wait_for(
+            lambda: server.metric("ptm_requests_total", protocol="rest", code="499") == left + 1, "the drop"
+        )
+        assert computing.result().status_code == 200
+    _wait_for(lambda: server.metric("ptm_requests_in_flight", model="model") == 0, "an idle server")
+    assert server.metric("ptm_batch_size_count", model="model") == batches + 1  # the abandoned one never ran
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(

@@ -41,13 +41,18 @@ def conversion_job(model: PretrainedModel, revision: str, settings: Settings, st
     namespace = model.metadata.namespace or "default"
     lab = labels(model.metadata.name, COMPONENT, revision)
     gpus = spec.conversion.resources.gpus()
-    env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_OFFLINE", "value": "0"}]
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+    ]
     env_from: list[dict[str, Any]] = []
     if spec.source.credentials_secret_ref is not None:
         env_from.append({"secretRef": {"name": spec.source.credentials_secret_ref.name}})
     if spec.source.token_secret_ref is not None:
         ref = spec.source.token_secret_ref
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        # The hub token goes to hf:// sources only; an http(s) server gets a bearer token of its own.
+        var = "HF_TOKEN" if spec.source.uri.startswith("hf://") else "PTM_HTTP_BEARER_TOKEN"
+        env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": settings.converter_image,

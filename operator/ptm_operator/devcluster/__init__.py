@@ -74,6 +74,8 @@ class ClusterConfig:
     gpu_nodes: int = int(os.environ.get("PTM_KWOK_GPU_NODES", "2"))
     gpus_per_node: int = int(os.environ.get("PTM_KWOK_GPUS_PER_NODE", "2"))
     cpu_nodes: int = int(os.environ.get("PTM_KWOK_CPU_NODES", "1"))
+    kwok_stages: tuple[Path, ...] = ()
+    """Extra kwok Stage files loaded after dev/kwok/stages.yaml (benchmarks drive pods with them)."""
 
     @property
     def service_ip(self) -> str:
@@ -361,6 +363,7 @@ class DevCluster:
             [
                 f"--kubeconfig={c.directory / 'kwok.kubeconfig'}",
                 f"--config={KWOK_STAGES}",
+                *(f"--config={stages}" for stages in c.kwok_stages),
                 "--node-lease-duration-seconds=40",  # heartbeats, or the node controller marks nodes NotReady
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",

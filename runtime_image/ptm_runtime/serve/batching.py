@@ -1,8 +1,8 @@
 """Dynamic batching: queued requests run together, each gets back exactly its rows.
 
-One asyncio task forms batches; one worker thread runs the model (ONNX Runtime releases the GIL,
-so the event loop keeps decoding and queueing while a batch computes, and the next batch forms
-meanwhile). Triton's semantics: the first request of a batch waits at most `maxQueueDelayMs` for
+One asyncio task forms batches; up to `concurrent_runs` worker threads run them (ONNX Runtime
+sessions are thread-safe and release the GIL, so the event loop keeps decoding and queueing while
+batches compute). A batch forms when a worker is free: whatever queued meanwhile joins it. Triton's semantics: the first request of a batch waits at most `maxQueueDelayMs` for
 others; the batch closes earlier when `maxBatchSize` rows are reached. Requests are merged only
 when their non-batch dimensions agree (same signature key); others wait their turn in order.
 
@@ -67,6 +67,7 @@ class Batcher:
         max_queue_delay_ms: float,
         max_queue_size: int,
         batching: bool,
+        concurrent_runs: int = 1,
         metrics: ServeMetrics | None = None,
     ) -> None:
         self._run = run
@@ -78,9 +79,12 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptm-model")
+        self.concurrent_runs = concurrent_runs
+        self._executor = ThreadPoolExecutor(max_workers=concurrent_runs, thread_name_prefix="ptm-model")
+        self._slots = asyncio.Semaphore(concurrent_runs)
         self._task: asyncio.Task[None] | None = None
-        self._busy = 0
+        self._running: set[asyncio.Task[None]] = set()
+        self._batches: dict[asyncio.Task[None], list[_Pending]] = {}
 
     @property
     def depth(self) -> int:
@@ -89,7 +93,7 @@ class Batcher:
     @property
     def idle(self) -> bool:
         """Nothing queued and no batch computing."""
-        return not self._queue and self._busy == 0
+        return not self._queue and not self._running
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="ptm-batcher")
@@ -139,6 +143,7 @@ class Batcher:
         """
         self._closed = True
         self._arrived.set()
+        deadline = time.monotonic() + timeout
         drained = True
         if self._task is not None:
             try:
@@ -148,10 +153,19 @@ class Batcher:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+        if self._running:
+            _, pending = await asyncio.wait(self._running, timeout=max(0.0, deadline - time.monotonic()))
+            drained = drained and not pending
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(Unavailable("the server shut down before this request ran"))
+        for task in list(self._running):  # past the deadline: their requests are answered 503
+            for item in self._batches.get(task, []):
+                if not item.future.done():
+                    item.future.set_exception(
+                        Unavailable("the server shut down before this request finished")
+                    )
         self._set_depth()
         self._executor.shutdown(wait=False, cancel_futures=True)
         return drained
@@ -159,35 +173,46 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._slots.acquire()  # a worker is free: form the next batch now
             batch = await self._next_batch()
             if batch is None:
+                self._slots.release()
                 return
-            dispatched = time.monotonic()
-            rows = sum(p.rows for p in batch)
-            self._busy += 1
-            try:
-                feeds = _concat([p.feeds for p in batch]) if len(batch) > 1 else batch[0].feeds
-                started = time.perf_counter()
-                outputs = await loop.run_in_executor(self._executor, self._run, feeds)
-                compute = time.perf_counter() - started
-                parts = _split(outputs, [p.rows for p in batch]) if len(batch) > 1 else [outputs]
-            except ServeError as exc:
-                self._fail(batch, exc)
-                continue
-            except Exception as exc:
-                log.exception("model execution failed for a batch of %d requests", len(batch))
-                self._fail(batch, InternalError(f"model execution failed: {exc}"))
-                continue
-            finally:
-                self._busy -= 1
-            if self._metrics is not None:
-                self._metrics.observe_batch(rows, len(batch), compute)
-            for item, part in zip(batch, parts, strict=True):
-                if not item.future.done():
-                    queued = dispatched - item.enqueued
-                    if self._metrics is not None:
-                        self._metrics.observe_queue(queued)
-                    item.future.set_result(BatchResult(part, queued, compute, rows))
+            task = loop.create_task(self._execute(batch))
+            self._running.add(task)
+            self._batches[task] = batch
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._batches.pop(task, None)
+        self._slots.release()
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        dispatched = time.monotonic()
+        rows = sum(p.rows for p in batch)
+        try:
+            feeds = _concat([p.feeds for p in batch]) if len(batch) > 1 else batch[0].feeds
+            started = time.perf_counter()
+            outputs = await loop.run_in_executor(self._executor, self._run, feeds)
+            compute = time.perf_counter() - started
+            parts = _split(outputs, [p.rows for p in batch]) if len(batch) > 1 else [outputs]
+        except ServeError as exc:
+            self._fail(batch, exc)
+            return
+        except Exception as exc:
+            log.exception("model execution failed for a batch of %d requests", len(batch))
+            self._fail(batch, InternalError(f"model execution failed: {exc}"))
+            return
+        if self._metrics is not None:
+            self._metrics.observe_batch(rows, len(batch), compute)
+        for item, part in zip(batch, parts, strict=True):
+            if not item.future.done():
+                queued = dispatched - item.enqueued
+                if self._metrics is not None:
+                    self._metrics.observe_queue(queued)
+                item.future.set_result(BatchResult(part, queued, compute, rows))
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: ServeError) -> None:

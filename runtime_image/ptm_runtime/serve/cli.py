@@ -27,6 +27,7 @@ _OPTION_FLAGS: dict[str, tuple[str, ...]] = {
     "max_batch_size": ("batching", "maxBatchSize"),
     "max_queue_delay_ms": ("batching", "maxQueueDelayMs"),
     "max_queue_size": ("batching", "maxQueueSize"),
+    "concurrent_runs": ("concurrentRuns",),
     "intra_op_threads": ("intraOpThreads",),
     "inter_op_threads": ("interOpThreads",),
     "graph_optimization_level": ("graphOptimizationLevel",),
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-batch-size", type=int, help="rows per batch (1 disables batching)")
     o.add_argument("--max-queue-delay-ms", type=float, help="how long a batch waits to fill")
     o.add_argument("--max-queue-size", type=int, help="queued requests before 429")
+    o.add_argument("--concurrent-runs", type=int, help="batches run on the model at once (default 1)")
     o.add_argument("--intra-op-threads", type=int)
     o.add_argument("--inter-op-threads", type=int)
     o.add_argument("--graph-optimization-level", choices=[g.value for g in GraphOptimizationLevel])

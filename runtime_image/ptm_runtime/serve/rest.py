@@ -15,8 +15,9 @@ outputs are written as their shortest round-tripping decimal, so clients get the
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive
 
 from ptm_runtime.serve.dataplane import (
     DataPlane,
@@ -226,6 +228,37 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: Not an HTTP status anyone receives: metrics count requests whose client left (nginx's 499).
+CLIENT_CLOSED = 499
+
+
+class ClientClosed(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(receive: Receive, work: Coroutine[Any, Any, InferResponse]) -> InferResponse:
+    """Run `work` (the body is already read) but cancel it when the client goes away.
+
+    A client that timed out must not keep its request in the queue: under overload, abandoned
+    requests would otherwise be computed for nobody while live ones wait behind them.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientClosed
+    return task.result()
+
+
 def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
     """The V2 REST app over one data plane."""
 
@@ -295,7 +328,7 @@ def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
                     ) from None
             body = await read_body(request, max_body_bytes)
             parsed, binary = parse_infer_request(body, header_length, plane.max_elements)
-            result = await plane.infer(name, version, parsed)
+            result = await unless_disconnected(request.receive, plane.infer(name, version, parsed))
             content, json_length = encode_infer_response(result, binary)
             code = 200
             if json_length is None:
@@ -306,6 +339,9 @@ def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
         except ServeError as exc:
             code = exc.status_code
             return _error(exc)
+        except ClientClosed:
+            code = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
         except Exception as exc:
             log.exception("unexpected failure in a REST inference")
             return _json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})

@@ -144,6 +144,7 @@ class Server:
             max_queue_delay_ms=batching.max_queue_delay_ms,
             max_queue_size=batching.max_queue_size,
             batching=model.dynamic_batch,
+            concurrent_runs=s.options.concurrent_runs,
             metrics=self.metrics,
         )
         batcher.start()
@@ -169,8 +170,8 @@ class Server:
                 loop.add_signal_handler(sig, self.request_stop)
         try:
             await self.start_listeners()
-        except OSError as exc:
-            message = f"cannot listen on {self.settings.host}: {exc}"
+        except OSError as listen_error:
+            message = f"cannot listen on {self.settings.host}: {listen_error}"
             log.error("%s", message)
             self._write_termination_log(message)
             await self.drain()
@@ -180,12 +181,12 @@ class Server:
         stop_wait = loop.create_task(self._stop.wait())
         await asyncio.wait({loading, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done() and loading.exception() is not None:
-            exc = loading.exception()
-            message = f"cannot serve {self.settings.model_path}: {exc}"
-            if isinstance(exc, ArtifactError):
+            failure = loading.exception()
+            message = f"cannot serve {self.settings.model_path}: {failure}"
+            if isinstance(failure, ArtifactError):
                 log.error("%s", message)
             else:
-                log.error("%s", message, exc_info=exc)
+                log.error("%s", message, exc_info=failure)
             self._write_termination_log(message)
             code = 1
         else:
