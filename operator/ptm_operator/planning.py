@@ -25,6 +25,7 @@ from ptm_operator.api import (
     PretrainedModelStatus,
     RevisionState,
     RevisionStatus,
+    RolloutStrategy,
 )
 from ptm_operator.builders import jobs, serving
 from ptm_operator.builders.store import Store
@@ -41,10 +42,14 @@ from ptm_runtime.report import (
     read_termination_message,
 )
 
+#: Revisions still on their way to an artifact.
+IN_CONVERSION = frozenset({RevisionState.PENDING, RevisionState.CONVERTING})
 #: Revisions that have a usable artifact.
 SERVABLE = frozenset(
     {RevisionState.VALIDATED, RevisionState.STABLE, RevisionState.CANARY, RevisionState.SUPERSEDED}
 )
+#: What spec.revision may pin: any revision with an artifact, a rolled-back one included.
+PINNABLE = SERVABLE | {RevisionState.ROLLED_BACK}
 
 
 # --- what the operator observed --------------------------------------------------------------------
@@ -233,6 +238,10 @@ def _trim(revisions: list[RevisionStatus], keep: int, protected: set[str]) -> li
 # --- the plan --------------------------------------------------------------------------------------
 
 
+#: Reasons that mean "on the way", not "went wrong": no Event for them.
+PROGRESS_REASONS = frozenset({"Converting", "Deploying", "Starting", "NoArtifact", "Reconciling", "Healthy"})
+
+
 class _Conditions:
     """Collects condition changes and the Events their transitions deserve."""
 
@@ -259,7 +268,7 @@ class _Conditions:
             bad = (c.type == ConditionType.DEGRADED.value and c.status is ConditionStatus.TRUE) or (
                 c.type != ConditionType.DEGRADED.value and c.status is ConditionStatus.FALSE
             )
-            if c.type == ConditionType.PROGRESSING.value:
+            if c.type == ConditionType.PROGRESSING.value or c.reason in PROGRESS_REASONS:
                 continue  # progress is visible in status; events are for outcomes
             if c.status is ConditionStatus.UNKNOWN:
                 continue
@@ -285,7 +294,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
     pinned = spec.revision
     desired = pinned or built
     record = status.revision(desired)
-    if pinned and (record is None or record.state not in SERVABLE):
+    if pinned and (record is None or record.state not in PINNABLE):
         cond.set(
             ConditionType.DEGRADED,
             True,
@@ -299,7 +308,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
         status.revisions = _upsert(status.revisions, record)
 
     # 2. Conversion of the desired revision.
-    if record is not None and record.state not in SERVABLE and record.state is not RevisionState.FAILED:
+    if record is not None and record.state in IN_CONVERSION:
         job = observed.jobs.get(desired)
         if job is None:
             manifests.append(jobs.conversion_job(model, desired, settings, store))
@@ -313,6 +322,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
             report = termination_record(job.termination_message)
             if not isinstance(report, Report):
                 record.state = RevisionState.FAILED
+                record.reason = "ReportMissing"
                 record.message = "the conversion Job succeeded but its pod left no readable report"
                 cond.set(ConditionType.CONVERTED, False, "ReportMissing", record.message)
             else:
@@ -352,6 +362,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
                 isinstance(failure, Failure) and failure.reason == "ValidationFailed"
             )
             if validation:
+                record.reason = "ValidationFailed"
                 record.message = f"validation failed: {detail[-1500:]}"
                 cond.set(ConditionType.CONVERTED, True, "Converted", f"revision {desired} converted")
                 cond.set(
@@ -362,9 +373,11 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
                 )
             elif job.exit_code == EXIT_INVALID or (isinstance(failure, Failure) and failure.permanent):
                 reason = failure.reason if isinstance(failure, Failure) else "InvalidSource"
+                record.reason = reason
                 record.message = f"{reason}: {detail[-1500:]}"
                 cond.set(ConditionType.CONVERTED, False, reason, f"revision {desired}: {record.message}")
             else:
+                record.reason = "ConversionFailed"
                 record.message = f"conversion failed ({job.failure_reason or 'Failed'}): {detail[-1500:]}"
                 cond.set(
                     ConditionType.CONVERTED,
@@ -379,7 +392,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
             waiting.append(f"conversion Job {job.name}")
         status.revisions = _upsert(status.revisions, record)
     elif record is not None and record.state is RevisionState.FAILED:
-        reason = "ValidationFailed" if record.message.startswith("validation failed") else "ConversionFailed"
+        reason = record.reason or "ConversionFailed"
         if reason == "ValidationFailed":
             cond.set(ConditionType.VALIDATED, False, reason, f"revision {desired}: {record.message}")
         else:
@@ -390,12 +403,13 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
     stable_record = status.revision(stable) if stable else None
     if stable_record is None or stable_record.state not in SERVABLE:
         stable = None
-    servable = SERVABLE | {RevisionState.ROLLED_BACK} if pinned else SERVABLE
+    servable = PINNABLE if pinned else SERVABLE
     candidate = desired if record is not None and record.state in servable else None
     if stable is None and candidate is not None:
         stable = candidate
     autoscaled = spec.serving.autoscaling is not None
     replicas: dict[str, int | None] = {}
+    retired: set[str] = set()
     requeue: float | None = None
     consume: list[str] = []
     if stable is not None and candidate is not None and candidate != stable:
@@ -405,6 +419,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
         waiting.extend(rolled.waiting)
         requeue = rolled.requeue_after
         consume = rolled.consume_annotations
+        retired = rolled.retire
         for ev in rolled.events:
             cond.extra_events.append(Event(*ev))
         if rolled.progressing is not None:
@@ -423,12 +438,16 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
             consume = ["ptm.dev/promote", "ptm.dev/abort"]
     if stable is not None:
         replicas.setdefault(stable, None if autoscaled else spec.serving.replicas)
-    # A superseded revision keeps its pods for scaleDownDelaySeconds after promotion.
+    # A superseded revision keeps its pods for scaleDownDelaySeconds after a canary promotion
+    # (Recreate replaces at once: no second set of GPUs).
+    keep_superseded = spec.rollout.strategy is not RolloutStrategy.RECREATE
     for rec in status.revisions:
         if (
             rec.state is RevisionState.SUPERSEDED
             and rec.revision in observed.deployments
             and rec.revision not in replicas
+            and rec.revision not in retired
+            and keep_superseded
         ):
             left = spec.rollout.scale_down_delay_seconds - (
                 (now - rec.state_since).total_seconds() if rec.state_since else 1e9
@@ -488,10 +507,20 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
         status.stable_revision = stable
         manifests.append(serving.service(model))
         manifests.append(serving.pod_disruption_budget(model))
-        hpa = serving.horizontal_pod_autoscaler(model, stable)
+        auto = spec.serving.autoscaling
+        keda_missing = auto is not None and auto.keda is not None and not observed.keda_available
+        hpa = serving.horizontal_pod_autoscaler(model, stable, ignore_keda=keda_missing)
         if hpa is not None:
             manifests.append(hpa)
-        if observed.keda_available:
+        if keda_missing:
+            cond.extra_events.append(
+                Event(
+                    "Warning",
+                    "KedaMissing",
+                    "autoscaling.keda is set but KEDA is not installed; using an HPA",
+                )
+            )
+        elif observed.keda_available:
             scaled = serving.keda_scaled_object(model, stable)
             if scaled is not None:
                 manifests.append(scaled)

@@ -42,6 +42,8 @@ class RolloutResult:
     """(reason, message) for the Progressing condition while the rollout moves."""
     rolled_back: tuple[str, str] | None = None
     """(reason, message) when the canary was rolled back this round."""
+    retire: set[str] = field(default_factory=set)
+    """Revisions to remove now, without the scale-down delay (Recreate)."""
 
 
 def canary_replicas(stable_replicas: int, weight: int) -> int:
@@ -117,7 +119,11 @@ def step_rollout(
         rec.state_since = now
         _clear(status)
         result.stable = candidate
-        result.replicas = {candidate: None if autoscaled else size, stable: size}
+        result.replicas = {candidate: None if autoscaled else size}
+        if spec.strategy is RolloutStrategy.RECREATE:
+            result.retire.add(stable)  # replaced at once: no second set of GPUs
+        else:
+            result.replicas[stable] = size  # keeps serving until scaleDownDelaySeconds passed
         result.events.append(("Normal", "Promoted", f"revision {candidate} promoted to stable ({why})"))
         result.progressing = ("Promoted", f"revision {candidate} replaced {stable} ({why})")
         return result
@@ -125,6 +131,7 @@ def step_rollout(
     def rollback(reason: str, message: str) -> RolloutResult:
         rec.state = RevisionState.ROLLED_BACK
         rec.state_since = now
+        rec.reason = reason
         step = status.current_step
         rec.message = (
             f"rolled back at step {step}: {message}" if step is not None else f"rolled back: {message}"
@@ -154,7 +161,11 @@ def step_rollout(
         result.consume_annotations.append("ptm.dev/abort")
         return rollback("Aborted", "aborted by the ptm.dev/abort annotation")
     trouble = _trouble(model, observed, candidate)
-    if trouble is not None and model.spec.remediation.rollback_on_crash_loop.enabled:
+    if (
+        trouble is not None
+        and model.spec.remediation.rollback_on_crash_loop.enabled
+        and not _rate_limited(model, status, now)
+    ):
         out = rollback(trouble[0], trouble[1])
         entry = RemediationRecord(
             time=now,
@@ -181,6 +192,9 @@ def step_rollout(
             weight = step.set_weight
             want = canary_replicas(size, weight)
             result.replicas[candidate] = want
+            if ready >= want and _pods_settled(observed, candidate) and spec.paused:
+                result.waiting.append(f"rollout paused at step {index}")
+                break
             if ready >= want and _pods_settled(observed, candidate):
                 index, status.step_started_at = index + 1, now
                 continue
@@ -197,7 +211,7 @@ def step_rollout(
                 f"{ready}/{want} canary pods of revision {candidate} ready (step {index}, setWeight {weight})"
             )
             break
-        if spec.paused:
+        if spec.paused and step.analysis is None:
             result.waiting.append(f"rollout paused at step {index}")
             break
         if step.pause is not None:
@@ -229,6 +243,10 @@ def step_rollout(
                 elif measured.verdict is Verdict.PASS:
                     status.analysis_failures = 0
             remaining = duration_seconds(step.analysis.duration) - _elapsed(now, status.step_started_at)
+            if spec.paused:
+                result.waiting.append(f"rollout paused at step {index} (analysis keeps measuring)")
+                result.requeue_after = min(requeue, interval)
+                break
             if remaining <= 0:
                 index, status.step_started_at = index + 1, now
                 continue
@@ -255,6 +273,12 @@ def step_rollout(
     return result
 
 
+def _rate_limited(model: PretrainedModel, status: PretrainedModelStatus, now: datetime) -> bool:
+    """True when remediation.maxActionsPerHour actions were already taken in the last hour."""
+    recent = [r for r in status.remediations if _elapsed(now, r.time) < 3600]
+    return len(recent) >= model.spec.remediation.max_actions_per_hour
+
+
 def _pods_settled(observed: Observed, revision: str) -> bool:
     return not any(p.unschedulable for p in observed.pods if p.revision == revision)
 
@@ -273,5 +297,5 @@ def needs_samples(model: PretrainedModel) -> bool:
     st = model.status
     if st.canary_revision is None or st.current_step is None:
         return False
-    steps = model.spec.rollout.steps
-    return st.current_step < len(steps) and steps[st.current_step].analysis is not None
+    # Any step: a pause may end into an analysis step within the same reconcile.
+    return any(step.analysis is not None for step in model.spec.rollout.steps[st.current_step :])

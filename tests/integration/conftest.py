@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import Cluster
-from tests.integration.helpers import Operator
+from tests.integration.helpers import Operator, pool_node
 
 
 @pytest.fixture
@@ -21,7 +21,10 @@ def operator(cluster: Cluster, crd_installed: str, namespace: str, tmp_path: Pat
         "handler": "nvidia",
     }
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(runtime_class))
+    node = pool_node(namespace)
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(node))
     op = Operator(cluster, namespace, tmp_path / "operator.log")
     op.start()
     yield op
     op.stop()
+    cluster.kubectl("delete", "node", node["metadata"]["name"], "--wait=false", check=False)

@@ -120,11 +120,38 @@ def apply_model(cluster: Cluster, namespace: str, body: dict[str, Any]) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(body))
 
 
-def example(name: str = "resnet50") -> dict[str, Any]:
-    """The vision example, asking for the GPU model the kwok nodes advertise."""
+POOL_LABEL = "ptm.dev/test-pool"
+POOL_GPUS = 4
+
+
+def pool_node(namespace: str) -> dict[str, Any]:
+    """A kwok GPU node of the test's own (POOL_GPUS GPUs), so tests never compete for GPUs."""
+    capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(POOL_GPUS)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": f"pool-{namespace}"[:63],
+            "annotations": {"kwok.x-k8s.io/node": "fake"},
+            "labels": {
+                "type": "kwok",
+                POOL_LABEL: namespace,
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                "nvidia.com/gpu.memory": "81559",
+            },
+        },
+        "spec": {"taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]},
+        "status": {"capacity": capacity, "allocatable": capacity},
+    }
+
+
+def example(namespace: str, name: str = "resnet50") -> dict[str, Any]:
+    """The vision example, asking for the GPU model the kwok nodes advertise, on the test's pool."""
     body: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     body["metadata"]["name"] = name
     body["spec"]["serving"]["gpuSelector"]["products"] = ["NVIDIA-H100-80GB-HBM3"]
+    body["spec"]["serving"]["nodeSelector"] = {POOL_LABEL: namespace}
     return body
 
 

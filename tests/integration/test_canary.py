@@ -7,6 +7,7 @@ from typing import Any
 
 from tests.conftest import Cluster, wait_for
 from tests.integration.helpers import (
+    POOL_GPUS,
     Operator,
     apply_model,
     condition,
@@ -19,8 +20,10 @@ from tests.integration.helpers import (
 )
 
 
-def canary_model(steps: list[dict[str, Any]], replicas: int = 2, **rollout: Any) -> dict[str, Any]:
-    body = example()
+def canary_model(
+    namespace: str, steps: list[dict[str, Any]], replicas: int = 2, **rollout: Any
+) -> dict[str, Any]:
+    body = example(namespace)
     body["spec"]["serving"].pop("autoscaling", None)
     body["spec"]["serving"]["replicas"] = replicas
     body["spec"]["rollout"] = {
@@ -66,7 +69,7 @@ def test_healthy_update_walks_the_steps_and_promotes(
         {"setWeight": 50},
         {"pause": {"duration": "2s"}},
     ]
-    body = canary_model(steps)
+    body = canary_model(namespace, steps)
     apply_model(cluster, namespace, body)
     first = serve_to_ready(cluster, namespace)
     second = start_update(cluster, namespace, body, first)
@@ -101,7 +104,7 @@ def test_healthy_update_walks_the_steps_and_promotes(
 def test_crash_looping_canary_is_rolled_back_without_analysis(
     cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
-    body = canary_model([{"setWeight": 50}, {"pause": {}}])
+    body = canary_model(namespace, [{"setWeight": 50}, {"pause": {}}])
     apply_model(cluster, namespace, body)
     first = serve_to_ready(cluster, namespace)
     second = start_update(cluster, namespace, body, first)
@@ -170,7 +173,7 @@ def test_crash_looping_canary_is_rolled_back_without_analysis(
 def test_promote_annotation_and_operator_restart_mid_canary(
     cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
-    body = canary_model([{"setWeight": 10}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}])
+    body = canary_model(namespace, [{"setWeight": 10}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}])
     apply_model(cluster, namespace, body)
     first = serve_to_ready(cluster, namespace)
     second = start_update(cluster, namespace, body, first)
@@ -209,9 +212,10 @@ def test_promote_annotation_and_operator_restart_mid_canary(
 def test_canary_without_gpus_aborts_at_progress_deadline(
     cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
-    nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
-    gpus = sum(int(n["status"].get("allocatable", {}).get("nvidia.com/gpu", "0")) for n in nodes)
-    body = canary_model([{"setWeight": 50}, {"pause": {}}], replicas=gpus, progressDeadlineSeconds=30)
+    # The stable revision takes every GPU of the test's pool: the canary cannot be scheduled.
+    body = canary_model(
+        namespace, [{"setWeight": 50}, {"pause": {}}], replicas=POOL_GPUS, progressDeadlineSeconds=30
+    )
     apply_model(cluster, namespace, body)
     first = serve_to_ready(cluster, namespace)
     second = start_update(cluster, namespace, body, first)

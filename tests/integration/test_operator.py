@@ -14,6 +14,7 @@ from typing import Any
 from ptm_runtime.report import EXIT_VALIDATION_FAILED
 from tests.conftest import Cluster, wait_for
 from tests.integration.helpers import (
+    POOL_GPUS,
     Operator,
     apply_model,
     condition,
@@ -31,7 +32,7 @@ from tests.integration.helpers import (
 
 
 def test_conversion_then_gpu_serving_then_ready(cluster: Cluster, namespace: str, operator: Operator) -> None:
-    apply_model(cluster, namespace, example())
+    apply_model(cluster, namespace, example(namespace))
     job = job_for(cluster, namespace)
     revision = job["metadata"]["labels"]["ptm.dev/revision"]
     container = job["spec"]["template"]["spec"]["containers"][0]
@@ -78,7 +79,7 @@ def test_conversion_then_gpu_serving_then_ready(cluster: Cluster, namespace: str
         selector=f"ptm.dev/revision={revision},app.kubernetes.io/component=serving",
     )
     nodes = {p["spec"]["nodeName"] for p in pods["items"]}
-    assert nodes and all(n.startswith("kwok-gpu-") for n in nodes)
+    assert nodes == {f"pool-{namespace}"[:63]}  # the test's kwok GPU node
     for kind in ("service/resnet50", "pdb/resnet50", "hpa/resnet50"):
         assert cluster.kubectl("get", kind, "-n", namespace, check=False).returncode == 0, kind
 
@@ -86,7 +87,7 @@ def test_conversion_then_gpu_serving_then_ready(cluster: Cluster, namespace: str
 def test_failed_validation_keeps_previous_revision_and_serving_change_does_not_reconvert(
     cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
-    body = example()
+    body = example(namespace)
     apply_model(cluster, namespace, body)
     first = serve_to_ready(cluster, namespace)
 
@@ -118,9 +119,7 @@ def test_failed_validation_keeps_previous_revision_and_serving_change_does_not_r
         "a Job for the new revision",
     )
     second = jobs[0]["metadata"]["labels"]["ptm.dev/revision"]
-    finish_job_pod(
-        cluster, namespace, jobs[0], EXIT_VALIDATION_FAILED, failure_for(second).compact()
-    )
+    finish_job_pod(cluster, namespace, jobs[0], EXIT_VALIDATION_FAILED, failure_for(second).compact())
     validated = wait_for(
         lambda: (
             (c := condition(get(cluster, namespace, "pretrainedmodels", "resnet50"), "Validated"))
@@ -144,7 +143,7 @@ def test_failed_validation_keeps_previous_revision_and_serving_change_does_not_r
 def test_operator_killed_at_each_stage_converges_without_duplicates(
     cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
-    apply_model(cluster, namespace, example())
+    apply_model(cluster, namespace, example(namespace))
     job = job_for(cluster, namespace)
     operator.kill()  # after the Job was created, before it finished
     revision = job["metadata"]["labels"]["ptm.dev/revision"]
@@ -193,11 +192,9 @@ def test_operator_killed_at_each_stage_converges_without_duplicates(
 def test_more_gpu_replicas_than_nodes_hold_is_reported(
     cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
-    nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
-    gpus = sum(int(n["status"].get("allocatable", {}).get("nvidia.com/gpu", "0")) for n in nodes)
-    body = example("big")
+    body = example(namespace, "big")  # pinned to the test's pool of POOL_GPUS GPUs
     body["spec"]["serving"].pop("autoscaling", None)
-    body["spec"]["serving"]["replicas"] = gpus + 2
+    body["spec"]["serving"]["replicas"] = POOL_GPUS + 2
     apply_model(cluster, namespace, body)
     job = job_for(cluster, namespace)
     finish_job_pod(

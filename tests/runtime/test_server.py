@@ -381,6 +381,7 @@ def test_metrics_endpoint(server: ServeProcess) -> None:
         "ptm_request_duration_seconds_bucket",
         "ptm_queue_duration_seconds_bucket",
         "ptm_compute_duration_seconds_bucket",
+        "ptm_request_overhead_seconds_bucket",
         "ptm_batch_size_bucket",
         "ptm_model_load_seconds",
     ):

@@ -147,7 +147,7 @@ def test_crash_looping_canary_while_stable_serves_is_a_warning_with_the_exit_rea
     d = diagnose(
         model(
             SERVING,
-            cond("Progressing", "True", "RollingOut", "revision r2 at step 1/3, weight 10%"),
+            cond("Progressing", "True", "Canary", "revision r2 at step 1/3, weight 10%"),
             cond("Ready", "True", "Serving"),
             stableRevision="r1",
             canaryRevision="r2",

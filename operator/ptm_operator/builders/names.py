@@ -32,6 +32,12 @@ def dns_name(*parts: str, max_len: int = 63) -> str:
     return f"{name[: max_len - 9].rstrip('-')}-{digest}"
 
 
+def dns1035_name(*parts: str, max_len: int = 63) -> str:
+    """Like dns_name, but starting with a letter: Service names must be DNS-1035 labels."""
+    name = dns_name(*parts, max_len=max_len)
+    return name if name[0].isalpha() else dns_name("m", name, max_len=max_len)
+
+
 def labels(model_name: str, component: str, revision: str | None = None) -> dict[str, str]:
     """The app.kubernetes.io set plus ptm's own model/revision labels."""
     out = {

@@ -15,7 +15,7 @@ from ptm_operator.builders.common import (
     resources,
     tolerations,
 )
-from ptm_operator.builders.names import dns_name, labels, selector
+from ptm_operator.builders.names import dns1035_name, dns_name, labels, selector
 from ptm_operator.builders.store import Store
 from ptm_operator.settings import Settings
 
@@ -34,7 +34,7 @@ def deployment_name(model: PretrainedModel, revision: str) -> str:
 
 
 def service_name(model: PretrainedModel) -> str:
-    return dns_name(model.metadata.name)
+    return dns1035_name(model.metadata.name)
 
 
 def startup_failure_threshold(size_bytes: int | None, period_seconds: int = 5) -> int:
@@ -233,10 +233,15 @@ def pod_disruption_budget(model: PretrainedModel) -> dict[str, Any]:
     }
 
 
-def horizontal_pod_autoscaler(model: PretrainedModel, revision: str) -> dict[str, Any] | None:
-    """autoscaling/v2 HPA on the stable Deployment: CPU utilization, or a runtime metric per pod."""
+def horizontal_pod_autoscaler(
+    model: PretrainedModel, revision: str, ignore_keda: bool = False
+) -> dict[str, Any] | None:
+    """autoscaling/v2 HPA on the stable Deployment: CPU utilization, or a runtime metric per pod.
+
+    None when KEDA scales instead, unless `ignore_keda` (KEDA asked for but not installed).
+    """
     auto = model.spec.serving.autoscaling
-    if auto is None or auto.keda is not None:
+    if auto is None or (auto.keda is not None and not ignore_keda):
         return None
     name = model.metadata.name
     metric: dict[str, Any]

@@ -178,6 +178,10 @@ class Batcher:
             if batch is None:
                 self._slots.release()
                 return
+            batch = [p for p in batch if not p.future.done()]  # left while the batch formed
+            if not batch:
+                self._slots.release()
+                continue
             task = loop.create_task(self._execute(batch))
             self._running.add(task)
             self._batches[task] = batch

@@ -30,6 +30,7 @@ _OPTION_FLAGS: dict[str, tuple[str, ...]] = {
     "concurrent_runs": ("concurrentRuns",),
     "intra_op_threads": ("intraOpThreads",),
     "inter_op_threads": ("interOpThreads",),
+    "thread_spinning": ("threadSpinning",),
     "graph_optimization_level": ("graphOptimizationLevel",),
     "warmup_requests": ("warmupRequests",),
     "request_timeout_ms": ("requestTimeoutMs",),
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--concurrent-runs", type=int, help="batches run on the model at once (default 1)")
     o.add_argument("--intra-op-threads", type=int)
     o.add_argument("--inter-op-threads", type=int)
+    o.add_argument(
+        "--thread-spinning",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let idle ONNX Runtime threads spin (default: off)",
+    )
     o.add_argument("--graph-optimization-level", choices=[g.value for g in GraphOptimizationLevel])
     o.add_argument("--warmup-requests", type=int)
     o.add_argument("--request-timeout-ms", type=int)

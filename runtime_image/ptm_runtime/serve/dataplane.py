@@ -70,6 +70,9 @@ class InferResponse:
     outputs: list[OutputTensor]
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: How long the request queued and how long its batch computed (for the overhead metric).
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,12 @@ class DataPlane:
                 )
             )
         return InferResponse(
-            model_name=self.model_name, model_version=self.model_version, outputs=outputs, id=request.id
+            model_name=self.model_name,
+            model_version=self.model_version,
+            outputs=outputs,
+            id=request.id,
+            queue_seconds=result.queue_seconds,
+            compute_seconds=result.compute_seconds,
         )
 
     def _validate(self, model: OnnxModel, request: InferRequest) -> tuple[int, tuple[Any, ...]]:
@@ -357,11 +365,16 @@ class DataPlane:
             self.metrics.add_in_flight(1)
         return time.perf_counter()
 
-    def end(self, protocol: str, code: int, started: float) -> None:
+    def end(self, protocol: str, code: int, started: float, response: InferResponse | None = None) -> None:
         self.in_flight -= 1
         if self.metrics is not None:
+            seconds = time.perf_counter() - started
             self.metrics.add_in_flight(-1)
-            self.metrics.observe_request(protocol, code, time.perf_counter() - started)
+            self.metrics.observe_request(protocol, code, seconds)
+            if response is not None:
+                self.metrics.observe_overhead(
+                    protocol, seconds - response.queue_seconds - response.compute_seconds
+                )
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait (polling, bounded) until no request is in flight; True if that happened."""

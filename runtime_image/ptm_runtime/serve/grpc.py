@@ -20,6 +20,7 @@ from grpc import aio
 from ptm_runtime.serve.dataplane import (
     DataPlane,
     InferRequest,
+    InferResponse,
     InputTensor,
     RequestedOutput,
     array_from_bytes,
@@ -136,11 +137,14 @@ class InferenceServicer:
         plane = self.plane
         started = plane.begin()
         code = 500
+        answered: InferResponse | None = None
         try:
             plane.check_model(request.model_name, request.model_version or None)
             parsed = decode_request(request, plane.max_elements)
             remaining = context.time_remaining()
-            result = await plane.infer(request.model_name, request.model_version or None, parsed, remaining)
+            result = answered = await plane.infer(
+                request.model_name, request.model_version or None, parsed, remaining
+            )
             response = pb.ModelInferResponse(
                 model_name=result.model_name, model_version=result.model_version, id=result.id or ""
             )
@@ -158,7 +162,7 @@ class InferenceServicer:
             log.exception("unexpected failure in a gRPC inference")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            plane.end(PROTOCOL, code, started)
+            plane.end(PROTOCOL, code, started, answered)
 
 
 async def _abort(context: aio.ServicerContext[Any, Any], exc: ServeError) -> Any:

@@ -44,6 +44,14 @@ class ServeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.overhead_seconds = Histogram(
+            "ptm_request_overhead_seconds",
+            "Per request: end-to-end time minus queueing and model compute (decode, validation, "
+            "batching, encode, event-loop waits).",
+            ["model", "protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.queue_seconds = Histogram(
             "ptm_queue_duration_seconds",
             "Time a request waited in the batching queue.",
@@ -114,6 +122,9 @@ class ServeMetrics:
     def observe_request(self, protocol: str, code: int, seconds: float) -> None:
         self.requests.labels(self.model, protocol, str(code)).inc()
         self.request_seconds.labels(self.model, protocol).observe(seconds)
+
+    def observe_overhead(self, protocol: str, seconds: float) -> None:
+        self.overhead_seconds.labels(self.model, protocol).observe(max(0.0, seconds))
 
     def observe_batch(self, rows: int, requests: int, compute_seconds: float) -> None:
         self._batch_size.observe(rows)

@@ -190,7 +190,7 @@ class OnnxModel:
         available_providers: Sequence[str] | None = None,
         trt_cache_dir: Path | None = None,
     ) -> OnnxModel:
-        """Verify, load and warm up; raises ArtifactError when the artifact cannot be served."""
+        """Verify the sha256 and load the session; ArtifactError when the artifact cannot be served."""
         started = time.perf_counter()
         artifact = resolve_artifact(path)
         available = ort.get_available_providers() if available_providers is None else available_providers
@@ -205,6 +205,9 @@ class OnnxModel:
         sess_options.intra_op_num_threads = options.intra_op_threads
         sess_options.inter_op_num_threads = options.inter_op_threads
         sess_options.graph_optimization_level = _GRAPH_LEVELS[options.graph_optimization_level]
+        spin = "1" if options.thread_spinning else "0"
+        sess_options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        sess_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         session: ort.InferenceSession | None = None
         errors: list[str] = []
         # The first provider that loads is used: a GPU provider whose libraries are missing on

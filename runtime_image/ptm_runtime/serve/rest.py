@@ -313,6 +313,7 @@ def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
     async def infer(request: Request) -> Response:
         started = plane.begin()
         code = 500
+        answered: InferResponse | None = None
         try:
             name = request.path_params["model_name"]
             version = version_of(request)
@@ -328,7 +329,7 @@ def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
                     ) from None
             body = await read_body(request, max_body_bytes)
             parsed, binary = parse_infer_request(body, header_length, plane.max_elements)
-            result = await unless_disconnected(request.receive, plane.infer(name, version, parsed))
+            result = answered = await unless_disconnected(request.receive, plane.infer(name, version, parsed))
             content, json_length = encode_infer_response(result, binary)
             code = 200
             if json_length is None:
@@ -346,7 +347,7 @@ def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
             log.exception("unexpected failure in a REST inference")
             return _json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
         finally:
-            plane.end(PROTOCOL, code, started)
+            plane.end(PROTOCOL, code, started, answered)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
