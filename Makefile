@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 EXTRAS := operator,serve,convert,dev
 PYTEST_ARGS ?=
 
-.PHONY: help venv cluster-bins cluster-up cluster-down cluster-status crd lint test test-unit demo demo-down down clean
+.PHONY: help venv helm cluster-bins cluster-up cluster-down cluster-status crd lint test test-unit demo demo-down down clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -24,6 +24,10 @@ venv: $(STAMP) ## create .venv with every extra (torch included; reused when pyp
 
 cluster-bins: ## build etcd, kube-apiserver, controller-manager, scheduler, kubectl, kwok (cached)
 	dev/k8s/build.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok
+
+helm: ## build helm and the chart's monitoring-object checker from their Go modules (cached)
+	dev/helm/build.sh
+	dev/helm/monitoringcheck/build.sh
 
 cluster-up: venv cluster-bins ## start the local cluster on 127.0.0.1 (no-op when up)
 	$(PY) -m ptm_operator.devcluster up
@@ -43,7 +47,7 @@ lint: venv ## ruff + mypy --strict on both packages, and the committed CRD is cu
 crd: venv ## regenerate crds/ and the chart's copy from the pydantic models
 	$(VENV)/bin/ptm crd
 
-test: venv cluster-bins lint ## lint, then every test (starts the cluster itself)
+test: venv cluster-bins helm lint ## lint, then every test (starts the cluster itself)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-unit: venv ## the fast tests that need no cluster

@@ -997,6 +997,8 @@ class PretrainedModelStatus(StatusModel):
     """Serving pods (all revisions)."""
     ready_replicas: int | None = Field(default=None, ge=0)
     """Ready serving pods (all revisions)."""
+    memory_limit: str | None = Field(default=None, max_length=64)
+    """Serving memory limit raised by OOMKilled remediation (used while larger than the spec's)."""
     remediations: list[RemediationRecord] = Field(default_factory=list, max_length=100)
     """Automatic actions taken, newest last, bounded by remediation.historyLimit."""
 

@@ -68,6 +68,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING  # Events come from plans, few and stable
+    settings.scanning.disabled = True  # the CRD is installed by the chart; no cluster-wide CRD watch
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.batching.worker_limit = 200

@@ -7,6 +7,7 @@ no-op and a restarted operator never duplicates what it created before.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import urllib.error
@@ -260,7 +261,10 @@ def _pod_observation(pod: dict[str, Any]) -> PodObservation:
     st = pod.get("status") or {}
     unschedulable = None
     ready = False
+    not_ready_since = None
     for cond in st.get("conditions") or []:
+        if cond.get("type") == "Ready" and cond.get("status") == "False" and cond.get("lastTransitionTime"):
+            not_ready_since = dt.datetime.fromisoformat(cond["lastTransitionTime"].replace("Z", "+00:00"))
         if (
             cond.get("type") == "PodScheduled"
             and cond.get("status") == "False"
@@ -280,7 +284,13 @@ def _pod_observation(pod: dict[str, Any]) -> PodObservation:
         last = ((cs.get("lastState") or {}).get("terminated") or {}).get("reason")
         if last:
             last_reason = last
+    memory = None
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        if container.get("name") == serving.CONTAINER:
+            memory = ((container.get("resources") or {}).get("limits") or {}).get("memory")
     return PodObservation(
+        memory_limit=memory,
+        not_ready_since=not_ready_since,
         name=pod["metadata"]["name"],
         revision=(pod["metadata"].get("labels") or {}).get(REVISION_LABEL, ""),
         phase=st.get("phase") or "Pending",

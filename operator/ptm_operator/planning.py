@@ -30,6 +30,7 @@ from ptm_operator.api import (
 from ptm_operator.builders import jobs, serving
 from ptm_operator.builders.store import Store
 from ptm_operator.conditions import set_condition, with_ready
+from ptm_operator.remediation import effective_memory_limit, remediate
 from ptm_operator.revision import revision_of
 from ptm_operator.rollout import step_rollout
 from ptm_operator.settings import Settings
@@ -95,6 +96,10 @@ class PodObservation:
     restarts: int = 0
     last_termination_reason: str | None = None
     """OOMKilled, Error, ..."""
+    memory_limit: str | None = None
+    """The server container's memory limit (which pod template the pod comes from)."""
+    not_ready_since: datetime | None = None
+    """When the Ready condition last turned False."""
 
 
 @dataclass(frozen=True)
@@ -412,7 +417,9 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
     retired: set[str] = set()
     requeue: float | None = None
     consume: list[str] = []
-    if stable is not None and candidate is not None and candidate != stable:
+    rolling = stable is not None and candidate is not None and candidate != stable
+    if rolling:
+        assert stable is not None and candidate is not None
         rolled = step_rollout(model, observed, status, stable, candidate, now, settings.requeue_seconds)
         stable = rolled.stable
         replicas.update(rolled.replicas)
@@ -436,6 +443,28 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
             status.step_started_at = None
         if model.promote_requested or model.abort_requested:
             consume = ["ptm.dev/promote", "ptm.dev/abort"]
+    remedy = remediate(model, observed, status, now) if stable is not None and not rolling else None
+    if remedy is not None:
+        for ev in remedy.events:
+            cond.extra_events.append(Event(*ev))
+        if remedy.degraded is not None:
+            cond.set(ConditionType.DEGRADED, True, *remedy.degraded)
+        deletions.extend(Deletion("v1", "Pod", pod) for pod in remedy.delete_pods)
+        if remedy.rollback_to is not None and stable is not None:
+            failed = status.revision(stable)
+            if failed is not None:
+                failed.state = RevisionState.ROLLED_BACK
+                failed.state_since = now
+                failed.reason = "CrashLoopBackOff"
+                failed.message = f"rolled back: {remedy.degraded[1] if remedy.degraded else 'crash loop'}"
+            replicas.pop(stable, None)
+            stable = remedy.rollback_to
+            back = status.revision(stable)
+            if back is not None:
+                back.state = RevisionState.STABLE
+                back.state_since = now
+            status.stable_revision = stable
+            waiting.append(f"revision {stable} to take over again")
     if stable is not None:
         replicas.setdefault(stable, None if autoscaled else spec.serving.replicas)
     # A superseded revision keeps its pods for scaleDownDelaySeconds after a canary promotion
@@ -493,6 +522,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
                 settings,
                 store,
                 size_bytes=served.artifact.size_bytes,
+                memory_limit=effective_memory_limit(model),
             )
         )
     for rev, dep in observed.deployments.items():

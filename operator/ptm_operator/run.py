@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         namespaces=namespaces,
         standalone=args.standalone,
         peering_name=None if args.standalone else cfg.peering,
+        priority=cfg.peering_priority,
         liveness_endpoint=f"http://{cfg.bind_address}:{cfg.liveness_port}/healthz"
         if cfg.liveness_port
         else None,

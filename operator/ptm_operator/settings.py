@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -50,6 +52,9 @@ class Settings(BaseSettings):
     """kopf liveness endpoint port (/healthz; 0: none)."""
     peering: str = "ptm-operator"
     """kopf peering name: replicas with the same name elect one active operator."""
+    peering_priority: int = Field(default_factory=lambda: secrets.randbelow(1_000_000) + 1)
+    """This replica's priority among peers; kopf pauses every replica that shares the highest
+    one, so each process draws its own unless set."""
 
     def serve_image_for(self, gpus: int) -> str:
         return (self.serve_gpu_image or self.serve_image) if gpus > 0 else self.serve_image

@@ -26,5 +26,8 @@ def operator(cluster: Cluster, crd_installed: str, namespace: str, tmp_path: Pat
     op = Operator(cluster, namespace, tmp_path / "operator.log")
     op.start()
     yield op
+    # Delete the models while the operator still runs, so kopf lifts its finalizers and the
+    # namespace can go.
+    cluster.kubectl("delete", "pretrainedmodels", "--all", "-n", namespace, "--timeout=30s", check=False)
     op.stop()
     cluster.kubectl("delete", "node", node["metadata"]["name"], "--wait=false", check=False)

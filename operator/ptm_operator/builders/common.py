@@ -55,10 +55,15 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
-def resources(req: ResourceRequirements) -> dict[str, Any]:
-    """Container resources; GPUs go to limits (extended resources need limits == requests)."""
+def resources(req: ResourceRequirements, memory_limit: str | None = None) -> dict[str, Any]:
+    """Container resources; GPUs go to limits (extended resources need limits == requests).
+
+    `memory_limit` replaces the spec's (an OOMKilled remediation raised it).
+    """
     requests = {k: str(v) for k, v in req.requests.items()}
     limits = {k: str(v) for k, v in req.limits.items()}
+    if memory_limit is not None:
+        limits["memory"] = memory_limit
     for key in [k for k in requests if k.endswith("/gpu")]:
         limits.setdefault(key, requests.pop(key))
     return {"requests": requests, "limits": limits}

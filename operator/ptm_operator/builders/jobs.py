@@ -57,6 +57,7 @@ def conversion_job(model: PretrainedModel, revision: str, settings: Settings, st
         "name": CONTAINER,
         "image": settings.converter_image,
         "imagePullPolicy": settings.image_pull_policy,
+        "command": ["ptm"],  # whatever the image's entrypoint, run the ptm CLI
         "args": [
             "convert",
             "--spec-json",

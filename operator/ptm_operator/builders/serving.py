@@ -77,6 +77,7 @@ def serving_deployment(
     settings: Settings,
     store: Store,
     size_bytes: int | None = None,
+    memory_limit: str | None = None,
 ) -> dict[str, Any]:
     """The Deployment that serves one revision with `ptm serve`.
 
@@ -95,6 +96,7 @@ def serving_deployment(
         "imagePullPolicy": spec.image_pull_policy.value
         if spec.image_pull_policy
         else settings.image_pull_policy,
+        "command": ["ptm"],  # whatever the image's entrypoint, run the ptm CLI
         "args": [
             "serve",
             artifact_dir,
@@ -117,7 +119,7 @@ def serving_deployment(
             {"name": "grpc", "containerPort": spec.grpc_port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "resources": resources(spec.resources),
+        "resources": resources(spec.resources, memory_limit=memory_limit),
         "securityContext": container_security_context(),
         "startupProbe": {
             "httpGet": {"path": "/v2/health/live", **probe_http},
