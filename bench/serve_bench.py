@@ -4,7 +4,8 @@ One run, one machine, the same ONNX files: resnet18 fp32 (600 KB image tensors) 
 sentence embeddings at sequence length 128, fp32 and dynamic int8. For each model it measures
 
   inproc          ONNX Runtime in a separate Python process, N threads calling session.run
-                  (and one thread running batches of 32: the throughput limit)
+                  (and one thread running batches of 32), with the session options `ptm serve`
+                  uses by default: the limit
   ptm-rest-json   `ptm serve`, V2 REST with JSON tensors        (load: wrk + Lua body)
   ptm-rest-bin    `ptm serve`, V2 REST binary tensor extension  (load: wrk)
   ptm-grpc        `ptm serve`, V2 gRPC raw_input_contents       (load: ghz)
@@ -361,7 +362,12 @@ def inproc_worker(model: str, path: str, concurrency: int, seconds: float, batch
     """Child process: N threads running session.run; prints one JSON line."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    # The engine exactly as `ptm serve` configures it by default (threads idle without spinning),
+    # so the gap to the servers is what serving adds, not a different session setup.
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feeds = {k: np.repeat(v, batch, axis=0) for k, v in sample_feeds(model).items()}
     for _ in range(3):
         session.run(None, feeds)

@@ -256,10 +256,13 @@ class _Conditions:
         self.generation = generation
         self.now = now
         self.extra_events: list[Event] = []
+        self.touched: set[str] = set()
+        """Condition types set during this plan (a stale True from an earlier round is not)."""
 
     def set(
         self, type_: ConditionType, status: ConditionStatus | bool, reason: str, message: str = ""
     ) -> None:
+        self.touched.add(type_.value)
         self.items = set_condition(
             self.items, type_, status, reason, message, observed_generation=self.generation, now=self.now
         )
@@ -583,11 +586,8 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
             "Settled",
             f"revision {stable or desired} is {'serving' if stable else 'not serving'}",
         )
-    degraded = any(
-        c.type == ConditionType.DEGRADED.value and c.status is ConditionStatus.TRUE for c in cond.items
-    )
-    settled_on_desired = record is not None and record.state in SERVABLE and not waiting and stable == desired
-    if (not degraded or settled_on_desired) and _no_trouble(observed, serving_revisions):
+    # Degraded clears only when nothing this round said otherwise and the pods are fine.
+    if ConditionType.DEGRADED.value not in cond.touched and _no_trouble(observed, serving_revisions):
         cond.set(ConditionType.DEGRADED, False, "Healthy", "no trouble observed")
     status.observed_generation = model.metadata.generation
     status.conditions, events = cond.finish()

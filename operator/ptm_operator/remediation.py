@@ -161,18 +161,14 @@ def remediate(
     # 3. Pods stuck not-ready: delete each once (the Deployment recreates it).
     if spec.restart_stuck_pods.enabled:
         limit = duration_seconds(spec.restart_stuck_pods.not_ready_for)
-        done = {
-            r.message.split(" ", 2)[1]
-            for r in status.remediations
-            if r.action is RemediationAction.RESTART_POD
-        }
+        restarted = [r.message for r in status.remediations if r.action is RemediationAction.RESTART_POD]
         for pod in pods:
             stuck_for = (now - pod.not_ready_since).total_seconds() if pod.not_ready_since else 0.0
             if (
                 pod.phase == "Running"
                 and not pod.ready
                 and stuck_for > limit
-                and pod.name not in done
+                and not any(f"pod {pod.name} " in m for m in restarted)
                 and allowed
             ):
                 remedy.delete_pods.append(pod.name)

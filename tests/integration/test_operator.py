@@ -211,3 +211,92 @@ def test_more_gpu_replicas_than_nodes_hold_is_reported(
     assert "2 pod(s) wait" in available["message"]
     ready = condition(get(cluster, namespace, "pretrainedmodels", "big"), "Ready")
     assert ready is not None and ready["status"] == "False"
+
+
+def oom_kill(cluster: Cluster, namespace: str, revision: str) -> str:
+    """Make one serving pod report an OOMKilled restart, as the kubelet would."""
+
+    def running() -> dict[str, Any] | None:
+        pods = get(
+            cluster,
+            namespace,
+            "pods",
+            selector=f"ptm.dev/revision={revision},app.kubernetes.io/component=serving",
+        )
+        items = [p for p in pods["items"] if p["status"].get("phase") == "Running"]
+        return items[0] if items else None
+
+    pod = wait_for(running, 60, "a running serving pod")
+    status = {
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "server",
+                    "image": "ptm/serve:test",
+                    "imageID": "",
+                    "ready": True,
+                    "restartCount": 1,
+                    "state": {"running": {"startedAt": "2026-12-04T00:00:00Z"}},
+                    "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+                }
+            ]
+        }
+    }
+    name: str = pod["metadata"]["name"]
+    cluster.kubectl(
+        "patch",
+        "pod",
+        name,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )
+    return name
+
+
+def test_oom_killed_pods_get_more_memory_up_to_the_ceiling(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    body = example(namespace)
+    body["spec"]["remediation"] = {"memoryBumpOnOOM": {"factor": 1.5, "ceiling": "10Gi"}}
+    apply_model(cluster, namespace, body)
+    revision = serve_to_ready(cluster, namespace)
+    oom_kill(cluster, namespace, revision)
+
+    def bumped() -> str | None:
+        dep = get(cluster, namespace, "deployment", f"resnet50-{revision}")
+        limit: str = dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        return limit if limit != "8Gi" else None
+
+    assert wait_for(bumped, 30, "a bigger memory limit") == "10Gi"  # 8Gi x 1.5 = 12Gi, capped at 10Gi
+    st = model_status(cluster, namespace, "resnet50")
+    assert st["memoryLimit"] == "10Gi"
+    assert (
+        st["remediations"][-1]["action"] == "MemoryBump"
+        and "8Gi -> 10Gi" in st["remediations"][-1]["message"]
+    )
+
+
+def test_oom_without_permission_is_only_reported(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    body = example(namespace)
+    body["spec"]["remediation"] = {"memoryBumpOnOOM": {"enabled": False}}
+    apply_model(cluster, namespace, body)
+    revision = serve_to_ready(cluster, namespace)
+    oom_kill(cluster, namespace, revision)
+
+    def reported() -> dict[str, Any] | None:
+        c = condition(get(cluster, namespace, "pretrainedmodels", "resnet50"), "Degraded")
+        return c if c and c["reason"] == "OOMKilled" else None
+
+    degraded = wait_for(reported, 30, "Degraded=OOMKilled")
+    assert "disabled" in degraded["message"]
+    dep = get(cluster, namespace, "deployment", f"resnet50-{revision}")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "8Gi"
+    assert not model_status(cluster, namespace, "resnet50").get("remediations")
+    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    assert any(e["reason"] == "OOMKilled" for e in events)
