@@ -7,6 +7,7 @@ reason — tests never skip because the cluster is missing.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -52,6 +53,20 @@ class Cluster:
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
+
+    def patch_status(self, kind: str, name: str, namespace: str, body: dict[str, Any]) -> None:
+        """Merge-patch an object's status subresource (what a kubelet or controller writes)."""
+        self.kubectl(
+            "patch",
+            kind,
+            name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps(body),
+        )
 
 
 @pytest.fixture(scope="session")

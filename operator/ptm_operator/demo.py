@@ -16,7 +16,6 @@ The cluster and the operator stay up afterwards; `make demo-down` stops both.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import signal
@@ -30,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ptm_operator.devcluster import REPO_ROOT, DevCluster, cache_dir
+from ptm_operator.devcluster import REPO_ROOT, DevCluster, cache_dir, exited_pod_status
 
 NAMESPACE = "ptm-demo"
 NAME = "minilm"
@@ -186,29 +185,7 @@ def complete_job_pod(cluster: DevCluster, job: dict[str, Any], exit_code: int, m
         return items[0] if items else None
 
     pod = wait("the conversion pod to run", running, 60, cluster)
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    state = {
-        "exitCode": exit_code,
-        "reason": "Completed" if exit_code == 0 else "Error",
-        "message": message,
-        "startedAt": now,
-        "finishedAt": now,
-    }
-    status = {
-        "status": {
-            "phase": "Succeeded" if exit_code == 0 else "Failed",
-            "containerStatuses": [
-                {
-                    "name": "convert",
-                    "image": pod["spec"]["containers"][0]["image"],
-                    "imageID": "",
-                    "ready": False,
-                    "restartCount": 0,
-                    "state": {"terminated": state},
-                }
-            ],
-        }
-    }
+    body = json.dumps(exited_pod_status(pod, "convert", exit_code, message))
     cluster.kubectl(
         "patch",
         "pod",
@@ -218,7 +195,7 @@ def complete_job_pod(cluster: DevCluster, job: dict[str, Any], exit_code: int, m
         "--subresource=status",
         "--type=merge",
         "-p",
-        json.dumps(status),
+        body,
     )
 
 

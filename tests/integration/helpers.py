@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ptm_operator.devcluster import exited_pod_status
 from ptm_runtime.options import Precision, TensorSpec
 from ptm_runtime.report import EXIT_VALIDATION_FAILED, Candidate, Failure, Metrics, Report
 from tests.conftest import REPO, Cluster, wait_for
@@ -223,45 +223,8 @@ def finish_job_pod(
         return items[0] if items else None
 
     pod = wait_for(running_pod, 60, f"the pod of Job {job_name} to run on a kwok node")
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    phase = "Succeeded" if exit_code == 0 else "Failed"
-    status = {
-        "status": {
-            "phase": phase,
-            "conditions": [
-                {"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
-            ],
-            "containerStatuses": [
-                {
-                    "name": "convert",
-                    "image": pod["spec"]["containers"][0]["image"],
-                    "imageID": "",
-                    "ready": False,
-                    "restartCount": 0,
-                    "state": {
-                        "terminated": {
-                            "exitCode": exit_code,
-                            "reason": "Completed" if exit_code == 0 else "Error",
-                            "message": message,
-                            "startedAt": now,
-                            "finishedAt": now,
-                        }
-                    },
-                }
-            ],
-        }
-    }
-    cluster.kubectl(
-        "patch",
-        "pod",
-        pod["metadata"]["name"],
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(status),
-    )
+    status = exited_pod_status(pod, "convert", exit_code, message)
+    cluster.patch_status("pod", pod["metadata"]["name"], namespace, status)
 
 
 def model_status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import copy
 import json
 import re
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -22,12 +21,10 @@ import yaml
 from ptm_operator import GROUP, KIND, PLURAL, VERSION
 from ptm_operator.api import API_VERSION, PretrainedModel, PretrainedModelSpec
 from ptm_operator.crdgen import CRD_FILE, CRD_NAME
-from tests.conftest import REPO, Cluster
+from tests.conftest import REPO, Cluster, wait_for
 
 CASES_FILE = Path(__file__).with_name("test_admission_cases.yaml")
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
-
-T = TypeVar("T")
 
 
 # --- the case table (also read by tests/unit/test_api.py) ----------------------------------------
@@ -67,18 +64,6 @@ BASE, CASES = load_cases()
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll until predicate returns something truthy, or fail naming what never happened."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
 @pytest.fixture(scope="module")
@@ -274,17 +259,7 @@ def test_kubectl_get_shows_printer_columns(cluster: Cluster, crd: str, namespace
             "readyReplicas": 2,
         }
     }
-    cluster.kubectl(
-        "patch",
-        "ptm",
-        name,
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(status),
-    )
+    cluster.patch_status("ptm", name, namespace, status)
 
     table = cluster.kubectl("get", "ptm", "-n", namespace).stdout.splitlines()
     assert table[0].split() == ["NAME", "READY", "REVISION", "PRECISION", "CANARY", "ENDPOINT", "AGE"]

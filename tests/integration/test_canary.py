@@ -138,17 +138,7 @@ def test_crash_looping_canary_is_rolled_back_without_analysis(
             ]
         }
     }
-    cluster.kubectl(
-        "patch",
-        "pod",
-        pod["metadata"]["name"],
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(crash),
-    )
+    cluster.patch_status("pod", pod["metadata"]["name"], namespace, crash)
 
     def rolled_back() -> dict[str, Any] | None:
         c = condition(get(cluster, namespace, "pretrainedmodels", "resnet50"), "Degraded")

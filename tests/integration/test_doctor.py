@@ -52,17 +52,7 @@ def test_doctor_names_the_pods_waiting_for_gpus(cluster: Cluster, crd_installed:
             ],
         }
     }
-    cluster.kubectl(
-        "patch",
-        "ptm",
-        "resnet",
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(status),
-    )
+    cluster.patch_status("ptm", "resnet", namespace, status)
     labels = {
         "app.kubernetes.io/name": "ptm",
         "app.kubernetes.io/instance": "resnet",

@@ -243,17 +243,7 @@ def oom_kill(cluster: Cluster, namespace: str, revision: str) -> str:
         }
     }
     name: str = pod["metadata"]["name"]
-    cluster.kubectl(
-        "patch",
-        "pod",
-        name,
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(status),
-    )
+    cluster.patch_status("pod", name, namespace, status)
     return name
 
 

@@ -134,6 +134,41 @@ def kwok_nodes(config: ClusterConfig) -> list[dict[str, Any]]:
     return nodes
 
 
+def exited_pod_status(pod: dict[str, Any], container: str, exit_code: int, message: str) -> dict[str, Any]:
+    """The status a kubelet writes when a pod's only container exits (restartPolicy Never).
+
+    On kwok nodes nothing runs, so the demo and the tests write this to play the container
+    that would have run (e.g. a converter leaving its report as termination message).
+    """
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    image = next((c.get("image", "") for c in pod["spec"]["containers"] if c["name"] == container), "")
+    terminated = {
+        "exitCode": exit_code,
+        "reason": "Completed" if exit_code == 0 else "Error",
+        "message": message,
+        "startedAt": now,
+        "finishedAt": now,
+    }
+    return {
+        "status": {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
+            ],
+            "containerStatuses": [
+                {
+                    "name": container,
+                    "image": image,
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": terminated},
+                }
+            ],
+        }
+    }
+
+
 def _kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
