@@ -57,6 +57,10 @@ def k8s_version() -> str:
     raise ClusterError(f"no k8s.io/kubernetes version in {GO_MOD}")
 
 
+#: Shifts every port, so that a second cluster (another PTM_CLUSTER_DIR) can run beside the first.
+_PORT_OFFSET = int(os.environ.get("PTM_CLUSTER_PORT_OFFSET", "0"))
+
+
 @dataclass
 class ClusterConfig:
     """Where the cluster lives and which loopback ports it uses."""
@@ -64,12 +68,12 @@ class ClusterConfig:
     directory: Path = field(
         default_factory=lambda: Path(os.environ.get("PTM_CLUSTER_DIR", cache_dir() / "cluster"))
     )
-    etcd_port: int = 23790
-    etcd_peer_port: int = 23800
-    apiserver_port: int = 16443
-    controller_manager_port: int = 10357
-    scheduler_port: int = 10359
-    kwok_port: int = 10347
+    etcd_port: int = 23790 + _PORT_OFFSET
+    etcd_peer_port: int = 23800 + _PORT_OFFSET
+    apiserver_port: int = 16443 + _PORT_OFFSET
+    controller_manager_port: int = 10357 + _PORT_OFFSET
+    scheduler_port: int = 10359 + _PORT_OFFSET
+    kwok_port: int = 10347 + _PORT_OFFSET
     service_cidr: str = "10.96.0.0/16"
     gpu_nodes: int = int(os.environ.get("PTM_KWOK_GPU_NODES", "2"))
     gpus_per_node: int = int(os.environ.get("PTM_KWOK_GPUS_PER_NODE", "2"))
