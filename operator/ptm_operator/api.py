@@ -997,6 +997,10 @@ class PretrainedModelStatus(StatusModel):
     """Serving pods (all revisions)."""
     ready_replicas: int | None = Field(default=None, ge=0)
     """Ready serving pods (all revisions)."""
+    source_digest: str | None = Field(default=None, max_length=64)
+    """Digest of the checkpoint last seen by updatePolicy Poll (part of the revision id then)."""
+    last_poll_at: datetime | None = None
+    """When the source was last polled for a new digest."""
     memory_limit: str | None = Field(default=None, max_length=64)
     """Serving memory limit raised by OOMKilled remediation (used while larger than the spec's)."""
     remediations: list[RemediationRecord] = Field(default_factory=list, max_length=100)

@@ -89,6 +89,17 @@ class Kube:
             rev = (job["metadata"].get("labels") or {}).get(REVISION_LABEL)
             if rev:
                 observed_jobs[rev] = _job_observation(job, job_pods.get(job["metadata"]["name"], []))
+        polls: list[JobObservation] = []
+        if model.spec.source.update_policy.type.value == "Poll":
+            poll_jobs = self._list("batch/v1", "Job", ns, selector(name, jobs.POLL_COMPONENT))
+            poll_pods: dict[str, list[dict[str, Any]]] = {}
+            if poll_jobs:
+                for pod in self._list("v1", "Pod", ns, selector(name, jobs.POLL_COMPONENT)):
+                    lab = pod["metadata"].get("labels") or {}
+                    poll_pods.setdefault(
+                        lab.get("batch.kubernetes.io/job-name") or lab.get("job-name", ""), []
+                    ).append(pod)
+            polls = [_job_observation(j, poll_pods.get(j["metadata"]["name"], [])) for j in poll_jobs]
         observed_deps = {}
         deployments = self._list("apps/v1", "Deployment", ns, selector(name, serving.COMPONENT))
         for dep in deployments:
@@ -126,6 +137,7 @@ class Kube:
             jobs=observed_jobs,
             deployments=observed_deps,
             pods=serving_pods,
+            polls=polls,
             samples=samples,
             keda_available=self.keda_available() if model.spec.serving.autoscaling else False,
         )
@@ -246,7 +258,8 @@ def _job_observation(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobObse
                     message = term.get("message")
     return JobObservation(
         name=job["metadata"]["name"],
-        revision=job["metadata"]["labels"][REVISION_LABEL],
+        revision=job["metadata"]["labels"].get(REVISION_LABEL, ""),
+        created=job["metadata"].get("creationTimestamp") or "",
         active=st.get("active") or 0,
         succeeded=complete,
         failed=failed is not None,

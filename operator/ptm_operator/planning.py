@@ -26,6 +26,8 @@ from ptm_operator.api import (
     RevisionState,
     RevisionStatus,
     RolloutStrategy,
+    UpdatePolicyType,
+    duration_seconds,
 )
 from ptm_operator.builders import jobs, serving
 from ptm_operator.builders.store import Store
@@ -40,6 +42,7 @@ from ptm_runtime.report import (
     Candidate,
     Failure,
     Report,
+    SourceDigest,
     read_termination_message,
 )
 
@@ -69,6 +72,8 @@ class JobObservation:
     failure_message: str = ""
     exit_code: int | None = None
     termination_message: str | None = None
+    created: str = ""
+    """creationTimestamp (RFC 3339, sorts in time order)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ class Observed:
     deployments: dict[str, DeploymentObservation] = field(default_factory=dict)
     pods: list[PodObservation] = field(default_factory=list)
     keda_available: bool = False
+    polls: list[JobObservation] = field(default_factory=list)
+    """Source-poll Jobs (updatePolicy Poll), any order."""
     samples: dict[str, Sample] = field(default_factory=dict)
     """Metrics per revision, read only while a canary is in an analysis step."""
 
@@ -167,7 +174,7 @@ BAD_WAITING = frozenset(
 )
 
 
-def termination_record(message: str | None) -> Report | Failure | None:
+def termination_record(message: str | None) -> Report | Failure | SourceDigest | None:
     """The converter's Report or Failure from a termination message; None if it is neither."""
     if not message:
         return None
@@ -297,8 +304,15 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
     namespace = model.metadata.namespace or "default"
     name = model.metadata.name
 
+    # 0. updatePolicy Poll: the source's digest is part of the revision.
+    polling = spec.source.update_policy.type is UpdatePolicyType.POLL and not spec.revision
+    if polling:
+        _poll_source(model, observed, status, now, settings, store, manifests, deletions, cond)
+        if status.source_digest is None:
+            waiting.append("the first digest of the source (updatePolicy Poll)")
+
     # 1. Which revision should serve.
-    built = revision_of(spec)
+    built = revision_of(spec, status.source_digest if polling else None)
     pinned = spec.revision
     desired = pinned or built
     record = status.revision(desired)
@@ -311,8 +325,18 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
             f"known: {', '.join(r.revision for r in status.revisions) or 'none'}",
         )
         record = None
+    elif polling and status.source_digest is None:
+        record = None  # nothing to convert before the source's digest is known
+        cond.set(
+            ConditionType.CONVERTED, False, "PollingSource", "reading the source's digest before converting"
+        )
     elif record is None:
-        record = RevisionStatus(revision=desired, state=RevisionState.PENDING, created=now)
+        record = RevisionStatus(
+            revision=desired,
+            state=RevisionState.PENDING,
+            created=now,
+            source_digest=status.source_digest if polling else None,
+        )
         status.revisions = _upsert(status.revisions, record)
 
     # 2. Conversion of the desired revision.
@@ -604,6 +628,48 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
     )
 
 
+def _poll_source(
+    model: PretrainedModel,
+    observed: Observed,
+    status: PretrainedModelStatus,
+    now: datetime,
+    settings: Settings,
+    store: Store,
+    manifests: list[dict[str, Any]],
+    deletions: list[Deletion],
+    cond: _Conditions,
+) -> None:
+    """Read finished source polls, start the next one when due, keep only the newest Job."""
+    finished = sorted((j for j in observed.polls if j.succeeded or j.failed), key=lambda j: j.created)
+    for job in finished:
+        found = termination_record(job.termination_message)
+        if isinstance(found, SourceDigest):
+            if status.source_digest is not None and found.source_digest != status.source_digest:
+                cond.extra_events.append(
+                    Event(
+                        "Normal",
+                        "SourceChanged",
+                        f"source digest {found.source_digest[:12]}: a new revision follows",
+                    )
+                )
+            status.source_digest = found.source_digest
+        elif job is finished[-1] and job.failed:
+            detail = (
+                found.message if isinstance(found, Failure) else (job.failure_message or job.failure_reason)
+            )
+            cond.extra_events.append(
+                Event("Warning", "SourcePollFailed", f"polling the source failed: {detail[-300:]}")
+            )
+    deletions.extend(Deletion("batch/v1", "Job", j.name) for j in finished[:-1])
+    active = [j for j in observed.polls if not (j.succeeded or j.failed)]
+    interval = duration_seconds(model.spec.source.update_policy.interval)
+    due = status.last_poll_at is None or (now - status.last_poll_at).total_seconds() >= interval
+    if due and not active:
+        nonce = format(int(now.timestamp()), "x")
+        manifests.append(jobs.source_poll_job(model, nonce, settings, store))
+        status.last_poll_at = now
+
+
 def _no_trouble(observed: Observed, revisions: list[str]) -> bool:
     return all(pod_problems(observed.pods, r) is None for r in revisions)
 
@@ -614,7 +680,7 @@ def _record_report(record: RevisionStatus, report: Report) -> None:
     )
     record.precision = report.precision
     record.metrics = report.metrics
-    record.source_digest = report.source_sha256
+    record.source_digest = report.source_sha256 or record.source_digest
 
 
 def _availability(

@@ -205,11 +205,20 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_termination_message(text: str) -> Report | Failure:
-    """Parse what `ptm convert` left in a termination message: a Report or a Failure."""
+class SourceDigest(Options):
+    """What `ptm convert --digest-only` writes: the checkpoint's current digest (updatePolicy Poll)."""
+
+    source_digest: str = Field(pattern=r"^[a-f0-9]{64}$")
+    """sha256 of the checkpoint (of the file, or of the sorted file digests of a directory)."""
+
+
+def read_termination_message(text: str) -> Report | Failure | SourceDigest:
+    """Parse what `ptm convert` left in a termination message: a Report, a Failure or a SourceDigest."""
     data = json.loads(text)
     if isinstance(data, dict) and "artifactUri" in data:
         return Report.model_validate(data)
+    if isinstance(data, dict) and "sourceDigest" in data:
+        return SourceDigest.model_validate(data)
     return Failure.model_validate(data)
 
 

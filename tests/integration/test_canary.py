@@ -220,3 +220,55 @@ def test_canary_without_gpus_aborts_at_progress_deadline(
     st = model_status(cluster, namespace, "resnet50")
     assert st["stableRevision"] == first
     assert {r["revision"]: r["state"] for r in st["revisions"]}[second] == "RolledBack"
+
+
+def poll_job(cluster: Cluster, namespace: str, exclude: set[str]) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        items = get(cluster, namespace, "jobs", selector="app.kubernetes.io/component=source-poll")["items"]
+        fresh = [
+            j
+            for j in items
+            if j["metadata"]["name"] not in exclude and not j.get("status", {}).get("succeeded")
+        ]
+        return fresh[0] if fresh else None
+
+    return wait_for(find, 30, "a source-poll Job")
+
+
+def answer_poll(cluster: Cluster, namespace: str, seen: set[str], digest: str) -> None:
+    job = poll_job(cluster, namespace, seen)
+    seen.add(job["metadata"]["name"])
+    assert "--digest-only" in job["spec"]["template"]["spec"]["containers"][0]["args"]
+    finish_job_pod(cluster, namespace, job, 0, json.dumps({"sourceDigest": digest}))
+
+
+def test_poll_policy_rolls_out_a_changed_source_by_itself(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    body = canary_model(namespace, [{"setWeight": 50}])
+    body["spec"]["source"]["updatePolicy"] = {"type": "Poll", "interval": "2s"}
+    apply_model(cluster, namespace, body)
+    seen: set[str] = set()
+    # No conversion before the source's digest is known.
+    answer_poll(cluster, namespace, seen, "a" * 64)
+    first = serve_to_ready(cluster, namespace)
+    rev = {r["revision"]: r for r in model_status(cluster, namespace, "resnet50")["revisions"]}[first]
+    assert rev["sourceDigest"] == "a" * 64
+    # The same digest again: nothing new.
+    answer_poll(cluster, namespace, seen, "a" * 64)
+    answer_poll(cluster, namespace, seen, "b" * 64)  # the checkpoint was replaced
+    second = str(job_for_other(cluster, namespace, first)["metadata"]["labels"]["ptm.dev/revision"])
+    assert second != first
+    jobs = get(cluster, namespace, "jobs", selector="app.kubernetes.io/component=converter")["items"]
+    assert len(jobs) == 2  # the unchanged poll made no conversion
+    finish_job_pod(
+        cluster, namespace, job_for_other(cluster, namespace, first), 0, report_for(second).compact()
+    )
+    st = wait_for(
+        lambda: (s := model_status(cluster, namespace, "resnet50")).get("stableRevision") == second and s,
+        60,
+        "the new source's revision to roll out",
+    )
+    assert st["sourceDigest"] == "b" * 64
+    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    assert any(e["reason"] == "SourceChanged" for e in events)

@@ -21,12 +21,32 @@ from ptm_runtime.report import EXIT_INVALID, EXIT_VALIDATION_FAILED
 
 CONTAINER = "convert"
 COMPONENT = "converter"
+POLL_COMPONENT = "source-poll"
 TERMINATION_LOG = "/dev/termination-log"
 
 
 def job_name(model: PretrainedModel, revision: str) -> str:
     """<model>-convert-<revision>, DNS-safe (pod names append 6 characters, labels cap at 63)."""
     return dns_name(model.metadata.name, "convert", revision, max_len=52)
+
+
+def poll_job_name(model: PretrainedModel, nonce: str) -> str:
+    return dns_name(model.metadata.name, "poll", nonce, max_len=52)
+
+
+def source_poll_job(model: PretrainedModel, nonce: str, settings: Settings, store: Store) -> dict[str, Any]:
+    """A Job that only fetches the source and reports its digest (updatePolicy Poll).
+
+    It runs with the conversion Job's image, mounts and credentials, since it reads the same
+    source; the operator itself never needs the source's secrets.
+    """
+    job = _converter_job(model, "", settings, store, digest_only=True)
+    job["metadata"]["name"] = poll_job_name(model, nonce)
+    for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+        meta["labels"] = labels(model.metadata.name, POLL_COMPONENT)
+    job["spec"]["backoffLimit"] = 1
+    job["spec"]["ttlSecondsAfterFinished"] = 3600
+    return job
 
 
 def conversion_job(model: PretrainedModel, revision: str, settings: Settings, store: Store) -> dict[str, Any]:
@@ -37,9 +57,15 @@ def conversion_job(model: PretrainedModel, revision: str, settings: Settings, st
     else (network, store) is retried up to backoffLimit. The compact report reaches the
     operator through the container's termination message.
     """
+    return _converter_job(model, revision, settings, store, digest_only=False)
+
+
+def _converter_job(
+    model: PretrainedModel, revision: str, settings: Settings, store: Store, digest_only: bool
+) -> dict[str, Any]:
     spec = model.spec
     namespace = model.metadata.namespace or "default"
-    lab = labels(model.metadata.name, COMPONENT, revision)
+    lab = labels(model.metadata.name, COMPONENT, revision or None)
     gpus = spec.conversion.resources.gpus()
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
@@ -68,10 +94,10 @@ def conversion_job(model: PretrainedModel, revision: str, settings: Settings, st
             namespace,
             "--name",
             model.metadata.name,
-            "--revision",
-            revision,
+            *(["--revision", revision] if revision else []),
             "--termination-log",
             TERMINATION_LOG,
+            *(["--digest-only"] if digest_only else []),
         ],
         "env": env,
         "resources": resources(spec.conversion.resources),

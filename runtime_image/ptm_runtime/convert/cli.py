@@ -40,7 +40,7 @@ from ptm_runtime.options import (
     TensorDType,
     ValidationOptions,
 )
-from ptm_runtime.report import EXIT_INTERNAL, EXIT_OK, Candidate, Failure, Report
+from ptm_runtime.report import EXIT_INTERNAL, EXIT_OK, Candidate, Failure, Report, SourceDigest
 
 log = logging.getLogger("ptm_runtime.convert")
 
@@ -129,6 +129,11 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--namespace", help="namespace (default: the spec's, else 'default')")
     out.add_argument("--name", help="model name (default: the spec's metadata.name)")
     out.add_argument("--revision", help="revision (default: a digest of source and options)")
+    out.add_argument(
+        "--digest-only",
+        action="store_true",
+        help="only fetch the source and report its sha256 (what updatePolicy Poll runs)",
+    )
     out.add_argument(
         "--termination-log",
         type=Path,
@@ -358,6 +363,17 @@ def _write_termination(path: Path | None, text: str) -> None:
         log.warning("cannot write the termination message to %s: %s", path, exc)
 
 
+def source_digest(request: Any) -> SourceDigest:
+    """Fetch the source into a scratch folder and return its digest (the folder is removed)."""
+    import tempfile
+
+    from ptm_runtime.convert import locations
+
+    with tempfile.TemporaryDirectory(prefix="ptm-digest-") as work:
+        fetched = locations.fetch(request.source.uri, Path(work), pvc_root=request.pvc_root)
+    return SourceDigest(source_digest=fetched.sha256)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -371,6 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         request = build_request(args)
         revision = request.revision
+        if args.digest_only:
+            found = source_digest(request)
+            _write_termination(termination, found.model_dump_json(by_alias=True))
+            print(f"source {request.source.uri}: sha256 {found.source_digest}")
+            return EXIT_OK
         from ptm_runtime.convert.pipeline import convert
 
         outcome = convert(request)
