@@ -12,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from ptm_operator.api import AnalysisSpec
 
@@ -90,6 +91,28 @@ def parse_metrics(text: str, model: str | None = None) -> Sample:
     return sample
 
 
+def agreement(canary: Any, stable: Any, min_cosine: float) -> float:
+    """Share of samples on which two revisions predict the same.
+
+    Classifier-shaped outputs ([samples, classes], rows not unit-norm) agree when their arg-max
+    agrees; anything else (embeddings, token outputs) agrees when the per-sample cosine
+    similarity is at least `min_cosine` (the validation gate's threshold).
+    """
+    import numpy as np
+
+    a = np.asarray(canary, dtype=np.float64)
+    b = np.asarray(stable, dtype=np.float64)
+    if a.shape != b.shape or a.size == 0:
+        return 0.0
+    rows_a, rows_b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    unit_rows = bool(np.allclose(np.linalg.norm(rows_a, axis=1), 1.0, atol=1e-3))
+    if a.ndim == 2 and a.shape[1] > 1 and not unit_rows:
+        return float(np.mean(rows_a.argmax(axis=1) == rows_b.argmax(axis=1)))
+    norms = np.linalg.norm(rows_a, axis=1) * np.linalg.norm(rows_b, axis=1)
+    cosine = np.where(norms > 0, (rows_a * rows_b).sum(axis=1) / np.where(norms > 0, norms, 1.0), 1.0)
+    return float(np.mean(cosine >= min_cosine))
+
+
 class Verdict(StrEnum):
     PASS = "Pass"
     FAIL = "Fail"
@@ -102,8 +125,23 @@ class Measurement:
     message: str
 
 
-def judge(canary: Sample | None, stable: Sample | None, spec: AnalysisSpec) -> Measurement:
-    """Compare the canary with its thresholds and with the stable revision."""
+def judge(
+    canary: Sample | None, stable: Sample | None, spec: AnalysisSpec, agreement: float | None = None
+) -> Measurement:
+    """Compare the canary with its thresholds and with the stable revision.
+
+    `agreement` is the golden-set prediction agreement when it could be measured; it is judged
+    even when too few requests reached the canary (it needs none).
+    """
+    if (
+        spec.min_prediction_agreement is not None
+        and agreement is not None
+        and agreement < spec.min_prediction_agreement
+    ):
+        return Measurement(
+            Verdict.FAIL,
+            f"prediction agreement {agreement:.2%} < {spec.min_prediction_agreement:.2%} on the golden set",
+        )
     if canary is None or canary.pods == 0:
         return Measurement(Verdict.INCONCLUSIVE, "no canary metrics could be read")
     if canary.requests < spec.min_requests:
@@ -128,6 +166,8 @@ def judge(canary: Sample | None, stable: Sample | None, spec: AnalysisSpec) -> M
             failures.append(
                 f"p99 {p99 * 1000:.0f} ms > {spec.max_p99_latency_ratio:g} x stable {stable_p99 * 1000:.0f} ms"
             )
+    if agreement is not None:
+        facts.append(f"prediction agreement {agreement:.2%}")
     if failures:
         return Measurement(Verdict.FAIL, "; ".join(failures))
     return Measurement(Verdict.PASS, ", ".join(facts))

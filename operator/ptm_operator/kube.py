@@ -62,6 +62,7 @@ class Kube:
         self.api = api_client
         self.prometheus_url = prometheus_url
         self._keda: bool | None = None
+        self._goldens: dict[str, Any] = {}
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -133,13 +134,42 @@ class Kube:
                         p for p in raw_pods if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) == rev
                     ]
                     samples[rev] = scrape_pods(mine, name)
+        agreement = None
+        golden = model.spec.rollout.analysis.golden_set
+        canary, stable = model.status.canary_revision, model.status.stable_revision
+        if samples and golden is not None and canary and stable:
+            agreement = self._golden_agreement(
+                model,
+                golden.uri,
+                _ready_pod_url(raw_pods, canary, model),
+                _ready_pod_url(raw_pods, stable, model),
+            )
         return Observed(
+            agreement=agreement,
             jobs=observed_jobs,
             deployments=observed_deps,
             pods=serving_pods,
             polls=polls,
             samples=samples,
             keda_available=self.keda_available() if model.spec.serving.autoscaling else False,
+        )
+
+    def _golden_agreement(
+        self, model: PretrainedModel, uri: str, canary: str | None, stable: str | None
+    ) -> float | None:
+        """Golden-set agreement between one ready pod of each revision (None when not possible)."""
+        if canary is None or stable is None:
+            return None
+        from ptm_operator.goldens import load_golden_set, measure_agreement
+
+        try:
+            golden = self._goldens.get(uri) or load_golden_set(uri)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the golden set %s: %s", uri, exc)
+            return None
+        self._goldens[uri] = golden
+        return measure_agreement(
+            canary, stable, model.metadata.name, golden, model.spec.validation.min_cosine_similarity
         )
 
     def _prometheus_sample(self, namespace: str, deployment: str, model: str) -> Sample:
@@ -338,6 +368,22 @@ def scrape_pods(
             if got is not None:
                 total.add(got)
     return total
+
+
+def _ready_pod_url(pods: list[dict[str, Any]], revision: str, model: PretrainedModel) -> str | None:
+    """http://POD_IP:PORT of one ready serving pod of `revision`."""
+    for pod in pods:
+        st = pod.get("status") or {}
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or []
+        )
+        if (
+            (pod["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision
+            and ready
+            and st.get("podIP")
+        ):
+            return f"http://{st['podIP']}:{model.spec.serving.port}"
+    return None
 
 
 def _promql(base: str, query: str, label: str) -> list[tuple[str, float]]:

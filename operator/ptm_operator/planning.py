@@ -115,6 +115,8 @@ class Observed:
     keda_available: bool = False
     polls: list[JobObservation] = field(default_factory=list)
     """Source-poll Jobs (updatePolicy Poll), any order."""
+    agreement: float | None = None
+    """Golden-set prediction agreement of canary and stable (analysis.minPredictionAgreement)."""
     samples: dict[str, Sample] = field(default_factory=dict)
     """Metrics per revision, read only while a canary is in an analysis step."""
 

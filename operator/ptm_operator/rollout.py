@@ -229,7 +229,12 @@ def step_rollout(
             analysis = spec.analysis
             interval = duration_seconds(analysis.interval)
             if status.last_analysis_at is None or _elapsed(now, status.last_analysis_at) >= interval:
-                measured = judge(observed.samples.get(candidate), observed.samples.get(stable), analysis)
+                measured = judge(
+                    observed.samples.get(candidate),
+                    observed.samples.get(stable),
+                    analysis,
+                    observed.agreement,
+                )
                 status.last_analysis_at = now
                 status.last_measurement = f"{measured.verdict.value}: {measured.message}"
                 if measured.verdict is Verdict.FAIL:

@@ -332,3 +332,39 @@ def test_judge_default_thresholds_on_parsed_pages() -> None:
     failed = judge(canary, stable, AnalysisSpec())
     assert failed.verdict is Verdict.FAIL
     assert "error rate 2.67% > 1.00%" in failed.message
+
+
+def test_agreement_of_classifier_outputs_is_argmax_agreement() -> None:
+    import numpy as np
+
+    from ptm_operator.analysis import agreement
+
+    stable = np.array([[0.1, 2.0, 0.3], [3.0, 0.1, 0.2], [0.0, 0.1, 5.0], [1.0, 0.0, 0.0]])
+    canary = stable.copy()
+    canary[3] = [0.0, 1.0, 0.0]
+    assert agreement(canary, stable, 0.99) == 0.75
+
+
+def test_agreement_of_embeddings_is_cosine_above_the_threshold() -> None:
+    import numpy as np
+
+    from ptm_operator.analysis import agreement
+
+    rng = np.random.default_rng(0)
+    stable = rng.normal(size=(10, 16))
+    stable /= np.linalg.norm(stable, axis=1, keepdims=True)
+    canary = stable + 0.001 * rng.normal(size=stable.shape)
+    canary[0] = -canary[0]
+    canary /= np.linalg.norm(canary, axis=1, keepdims=True)
+    assert agreement(canary, stable, 0.99) == 0.9
+    assert agreement(canary[:, :8], stable, 0.99) == 0.0  # shapes differ: nothing agrees
+
+
+def test_low_golden_set_agreement_fails_the_canary_even_without_traffic() -> None:
+    from ptm_operator.analysis import Verdict, judge
+    from ptm_operator.api import AnalysisSpec, DataRef
+
+    spec = AnalysisSpec(min_prediction_agreement=0.95, golden_set=DataRef(uri="file:///golden.npz"))
+    measured = judge(None, None, spec, agreement=0.8)
+    assert measured.verdict is Verdict.FAIL and "prediction agreement 80.00% < 95.00%" in measured.message
+    assert judge(None, None, spec, agreement=0.99).verdict is Verdict.INCONCLUSIVE
