@@ -96,6 +96,10 @@ def carry_out(model: PretrainedModel, result: Plan, body: kopf.Body) -> None:
         metrics().applied.labels(manifest["kind"]).inc()
     for gone in result.delete:
         k.delete(gone.api_version, gone.kind, ns, gone.name)
+    if result.route is not None:
+        problem = k.set_route_backends(model, *result.route)
+        if problem is not None:
+            kopf.event(body, type="Warning", reason="RouteNotManaged", message=problem)
     for event in result.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 

@@ -186,6 +186,48 @@ class Kube:
         sample.pods = 1 if sample.requests or sample.buckets else 0
         return sample
 
+    def set_route_backends(
+        self, model: PretrainedModel, route: str, backends: list[dict[str, Any]]
+    ) -> str | None:
+        """Give the HTTPRoute rules that point at this model the revision backends and weights.
+
+        The route belongs to the user (hostnames, matches, filters): only the backendRefs of
+        rules that reference the model's Services are replaced, read-modify-write with the
+        resourceVersion so a concurrent edit is never lost. Returns a problem in words, or None.
+        """
+        ns = model.metadata.namespace or "default"
+        path = _path("gateway.networking.k8s.io/v1", "HTTPRoute", ns, route)
+        try:
+            current = self._request("GET", path, "application/json", None, [])
+        except ApiException as exc:
+            if exc.status == 404:
+                return f"HTTPRoute {route} (spec.rollout.trafficRouting.httpRoute) does not exist"
+            raise
+        mine = (
+            {serving.service_name(model)}
+            | {serving.revision_service_name(model, r.revision) for r in model.status.revisions}
+            | {b["name"] for b in backends}
+        )
+        rules = current.get("spec", {}).get("rules") or []
+        changed = False
+        touched = False
+        for rule in rules:
+            refs = rule.get("backendRefs") or []
+            if refs and any(ref.get("name") in mine for ref in refs):
+                touched = True
+                if refs != backends:
+                    rule["backendRefs"] = backends
+                    changed = True
+        if not touched:
+            return f"no rule of HTTPRoute {route} has a backendRef to Service {serving.service_name(model)}"
+        if changed:
+            body = {
+                "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+                "spec": {"rules": rules},
+            }
+            self._request("PATCH", path, "application/merge-patch+json", body, [])
+        return None
+
     def patch_status(self, model: PretrainedModel, status: dict[str, Any]) -> None:
         """Merge-patch the status subresource (nulls clear fields)."""
         from ptm_operator import GROUP, PLURAL, VERSION

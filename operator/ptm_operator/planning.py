@@ -26,6 +26,7 @@ from ptm_operator.api import (
     RevisionState,
     RevisionStatus,
     RolloutStrategy,
+    TrafficRoutingType,
     UpdatePolicyType,
     duration_seconds,
 )
@@ -148,6 +149,8 @@ class Plan:
     waiting_for: str = ""
     consume_annotations: list[str] = field(default_factory=list)
     """Annotations acted on (ptm.dev/promote, ptm.dev/abort), to be removed."""
+    route: tuple[str, list[dict[str, Any]]] | None = None
+    """(HTTPRoute name, backendRefs) for gatewayAPI routing: the model's rules get these refs."""
 
     def status_patch(self, previous: dict[str, Any] | None = None) -> dict[str, Any]:
         """The whole status in wire form, as a merge patch over `previous`.
@@ -442,8 +445,10 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
     if stable is None and candidate is not None:
         stable = candidate
     autoscaled = spec.serving.autoscaling is not None
+    route: tuple[str, list[dict[str, Any]]] | None = None
     replicas: dict[str, int | None] = {}
     retired: set[str] = set()
+    route_weights: dict[str, int] | None = None
     requeue: float | None = None
     consume: list[str] = []
     rolling = stable is not None and candidate is not None and candidate != stable
@@ -456,6 +461,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
         requeue = rolled.requeue_after
         consume = rolled.consume_annotations
         retired = rolled.retire
+        route_weights = rolled.route_weights
         for ev in rolled.events:
             cond.extra_events.append(Event(*ev))
         if rolled.progressing is not None:
@@ -586,6 +592,11 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
         policy = serving.network_policy(model)
         if policy is not None:
             manifests.append(policy)
+        routing = spec.rollout.traffic_routing
+        if routing.type is TrafficRoutingType.GATEWAY_API and routing.http_route is not None:
+            manifests.extend(serving.revision_service(model, rev) for rev in serving_revisions)
+            weights = route_weights or {stable: 100}
+            route = (routing.http_route.name, serving.route_backends(model, weights))
         status.endpoint = endpoint(model)
         _availability(model, observed, stable, cond, waiting)
     elif not any(c.type == ConditionType.AVAILABLE.value for c in cond.items):
@@ -627,6 +638,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
         else None,
         waiting_for="; ".join(waiting) or "scale-down of a superseded revision",
         consume_annotations=consume,
+        route=route,
     )
 
 

@@ -7,6 +7,7 @@ mid-canary resumes at the same step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from ptm_operator.api import (
     RemediationRecord,
     RevisionState,
     RolloutStrategy,
+    TrafficRoutingType,
     duration_seconds,
 )
 
@@ -42,6 +44,8 @@ class RolloutResult:
     """(reason, message) for the Progressing condition while the rollout moves."""
     rolled_back: tuple[str, str] | None = None
     """(reason, message) when the canary was rolled back this round."""
+    route_weights: dict[str, int] | None = None
+    """Revision -> percent of traffic, for weighted routing (gatewayAPI)."""
     retire: set[str] = field(default_factory=set)
     """Revisions to remove now, without the scale-down delay (Recreate)."""
 
@@ -56,6 +60,11 @@ def canary_replicas(stable_replicas: int, weight: int) -> int:
     if weight >= 100:
         return s
     return max(1, round(s * weight / (100 - weight)))
+
+
+def gateway_canary_replicas(stable_replicas: int, weight: int) -> int:
+    """With weighted routing the canary only needs its share of the capacity (at least one pod)."""
+    return max(1, math.ceil(max(stable_replicas, 1) * weight / 100))
 
 
 def achieved_weight(stable_replicas: int, canary: int) -> int:
@@ -109,6 +118,8 @@ def step_rollout(
     size = stable_size(model, observed, stable)
     rec = status.revision(candidate)
     assert rec is not None
+    weighted = spec.traffic_routing.type is TrafficRoutingType.GATEWAY_API
+    replicas_for = gateway_canary_replicas if weighted else canary_replicas
 
     def promote(why: str) -> RolloutResult:
         old = status.revision(stable)
@@ -190,7 +201,7 @@ def step_rollout(
         step = steps[index]
         if step.set_weight is not None:
             weight = step.set_weight
-            want = canary_replicas(size, weight)
+            want = replicas_for(size, weight)
             result.replicas[candidate] = want
             if ready >= want and _pods_settled(observed, candidate) and spec.paused:
                 result.waiting.append(f"rollout paused at step {index}")
@@ -264,12 +275,13 @@ def step_rollout(
     status.current_step = index
     if index >= len(steps):
         return promote(f"all {len(steps)} steps passed")
-    canary_count = result.replicas.get(candidate) or canary_replicas(size, max(weight, 1))
+    canary_count = result.replicas.get(candidate) or replicas_for(size, max(weight, 1))
     if weight == 0:
         canary_count = 0
     result.replicas[candidate] = canary_count
     result.replicas[stable] = None if autoscaled else size
-    status.canary_weight = achieved_weight(size, canary_count)
+    status.canary_weight = weight if weighted else achieved_weight(size, canary_count)
+    result.route_weights = {stable: 100 - status.canary_weight, candidate: status.canary_weight}
     result.progressing = (
         "Canary",
         f"revision {candidate} at step {index}/{len(steps)}, weight {status.canary_weight}% "

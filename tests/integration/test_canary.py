@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import Cluster, wait_for
 from tests.integration.helpers import (
@@ -272,3 +276,81 @@ def test_poll_policy_rolls_out_a_changed_source_by_itself(
     assert st["sourceDigest"] == "b" * 64
     events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
     assert any(e["reason"] == "SourceChanged" for e in events)
+
+
+GATEWAY_API = "sigs.k8s.io/gateway-api@v1.4.0"
+
+
+@pytest.fixture(scope="session")
+def httproute_crd(cluster: Cluster) -> None:
+    """The Gateway API HTTPRoute CRD, from its official Go module (fetched from the module proxy)."""
+    out = subprocess.run(
+        ["go", "mod", "download", "-json", GATEWAY_API], capture_output=True, text=True, check=True
+    )
+    crd = (
+        Path(json.loads(out.stdout)["Dir"])
+        / "config"
+        / "crd"
+        / "standard"
+        / "gateway.networking.k8s.io_httproutes.yaml"
+    )
+    cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/httproutes.gateway.networking.k8s.io", "--timeout=60s"
+    )
+
+
+def backends(cluster: Cluster, namespace: str) -> list[tuple[str, int]]:
+    route = get(cluster, namespace, "httproutes.gateway.networking.k8s.io", "models")
+    return [(b["name"], b.get("weight", 1)) for b in route["spec"]["rules"][0]["backendRefs"]]
+
+
+def test_gateway_api_routing_sets_exact_weights(
+    cluster: Cluster, namespace: str, operator: Operator, httproute_crd: None
+) -> None:
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "models"},
+        "spec": {
+            "parentRefs": [{"name": "edge"}],
+            "hostnames": ["models.example.com"],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/v2/models/resnet50"}}],
+                    "backendRefs": [{"name": "resnet50", "port": 8080}],
+                }
+            ],
+        },
+    }
+    apply_model(cluster, namespace, route)
+    body = canary_model(namespace, [{"setWeight": 30}, {"pause": {}}], replicas=2)
+    body["spec"]["rollout"]["trafficRouting"] = {"type": "gatewayAPI", "httpRoute": {"name": "models"}}
+    apply_model(cluster, namespace, body)
+    first = serve_to_ready(cluster, namespace)
+    wait_for(
+        lambda: backends(cluster, namespace) == [(f"resnet50-{first}", 100)],
+        30,
+        "the route to send all traffic to the first revision",
+    )
+    assert (
+        get(cluster, namespace, "service", f"resnet50-{first}")["spec"]["selector"]["ptm.dev/revision"]
+        == first
+    )
+
+    second = start_update(cluster, namespace, body, first)
+    expected = sorted([(f"resnet50-{first}", 70), (f"resnet50-{second}", 30)])
+    wait_for(lambda: sorted(backends(cluster, namespace)) == expected, 60, "weights 70/30 on the route")
+    st = model_status(cluster, namespace, "resnet50")
+    assert st["canaryWeight"] == 30
+    # Exact weights need only the canary's share of pods: ceil(2 x 30%) = 1.
+    assert get(cluster, namespace, "deployment", f"resnet50-{second}")["spec"]["replicas"] == 1
+    route_after = get(cluster, namespace, "httproutes.gateway.networking.k8s.io", "models")
+    assert route_after["spec"]["hostnames"] == ["models.example.com"]  # the user's parts stay
+
+    cluster.kubectl("annotate", "ptm", "resnet50", "-n", namespace, "ptm.dev/promote=true")
+    wait_for(
+        lambda: backends(cluster, namespace) == [(f"resnet50-{second}", 100)],
+        60,
+        "all traffic on the new revision",
+    )

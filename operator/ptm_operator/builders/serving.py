@@ -224,6 +224,30 @@ def service(model: PretrainedModel) -> dict[str, Any]:
     }
 
 
+def revision_service_name(model: PretrainedModel, revision: str) -> str:
+    return dns1035_name(model.metadata.name, revision)
+
+
+def revision_service(model: PretrainedModel, revision: str) -> dict[str, Any]:
+    """A Service over one revision's pods: what an HTTPRoute's weighted backendRefs point at."""
+    svc = service(model)
+    name = model.metadata.name
+    svc["metadata"] = metadata(
+        model, revision_service_name(model, revision), labels(name, COMPONENT, revision)
+    )
+    svc["spec"]["selector"] = selector(name, COMPONENT, revision)
+    return svc
+
+
+def route_backends(model: PretrainedModel, weights: dict[str, int]) -> list[dict[str, Any]]:
+    """HTTPRoute backendRefs: one per revision Service with its percent of the traffic."""
+    port = model.spec.serving.port
+    return [
+        {"group": "", "kind": "Service", "name": revision_service_name(model, rev), "port": port, "weight": w}
+        for rev, w in sorted(weights.items())
+    ]
+
+
 def pod_disruption_budget(model: PretrainedModel) -> dict[str, Any]:
     """At most one serving pod disrupted at a time (drains proceed, never all at once)."""
     name = model.metadata.name
