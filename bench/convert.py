@@ -9,10 +9,10 @@ temporary store so nothing is reused) on
   resnet18   torchvision resnet18 with random weights saved as a state_dict, candidates fp16,
              int8-dynamic, fp32, validated on synthetic images
 
-and records, from the report the converter writes beside the artifact: conversion wall time
-(and the converter's own stage timings), and for every candidate its size, p50 latency at
-batch 1 and batch 8, verdict and reason, validation metrics, and speedup; plus the chosen
-precision. The results become one section of bench/RESULTS.md (only that section is touched).
+each model --repeat times (default 3, the models taking turns), and records, from the report
+the converter writes beside the artifact: conversion wall time (and the converter's own stage
+timings), and for every candidate its size, p50 latency at batch 1 and batch 8, verdict and
+reason, validation metrics, and speedup; plus the chosen precision. The results become one section of bench/RESULTS.md (only that section is touched).
 
 This is a benchmark, not a test: nothing is asserted about the numbers. Before it starts it
 waits (bounded) for the machine's 1-minute load to drop, and it records the load before and
@@ -30,10 +30,12 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +118,8 @@ class Setup:
     describe: str
     source: Callable[[Path], Path]
     args: list[str]
+    latency_input: Callable[[], str]
+    """What the converter times latency on (computed after the conversions)."""
 
 
 @dataclass
@@ -143,6 +147,17 @@ def minilm_source(_work: Path) -> Path:
     return path
 
 
+def minilm_latency_input() -> str:
+    """The converter times the first validation sample, padded to its batch: find its length."""
+    from transformers import AutoTokenizer
+
+    from ptm_runtime.convert import samples
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_source(Path())))
+    first = samples.text(tokenizer, ["input_ids"], 8, 8)[0]["input_ids"]
+    return f"the first validation sentence padded to {first.shape[1]} tokens, 1 or 8 copies"
+
+
 def resnet18_source(work: Path) -> Path:
     """torchvision resnet18 with random (seeded) weights, saved as a state_dict."""
     import torch
@@ -165,6 +180,7 @@ SETUPS: dict[str, Setup] = {
             "--format huggingface --task sentence-embedding --precision int8-dynamic,fp32 --per-channel "
             "--samples 32 --min-cosine-similarity 0.98 --max-accuracy-drop 0.02"
         ),
+        latency_input=minilm_latency_input,
     ),
     "resnet18": Setup(
         name="resnet18",
@@ -176,6 +192,7 @@ SETUPS: dict[str, Setup] = {
             "--input input:float32:-1,3,224,224 --precision fp16,int8-dynamic,fp32 "
             "--samples 32 --min-cosine-similarity 0.99 --min-top1-agreement 0.98 --max-accuracy-drop 0.02"
         ),
+        latency_input=lambda: "one synthetic 3x224x224 image, 1 or 8 copies",
     ),
 }
 
@@ -237,8 +254,45 @@ def run_one(setup: Setup, work: Path) -> Result:
 # --- the section ---------------------------------------------------------------------------------
 
 
+@dataclass
+class Runs:
+    """Every run of one model (--repeat), in the order they ran."""
+
+    setup: Setup
+    results: list[Result] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[Report]:
+        return [r.report for r in self.results if r.report is not None]
+
+    def candidates(self, precision: str) -> list[Candidate]:
+        return [c for r in self.results for c in r.candidates if c.precision.value == precision]
+
+    def precisions(self) -> list[str]:
+        return list(dict.fromkeys(c.precision.value for r in self.results for c in r.candidates))
+
+
 def num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def spread(values: list[float | None], fmt: str, suffix: str = "") -> str:
+    """Median, and the range when there is more than one value."""
+    got = sorted(v for v in values if v is not None)
+    if not got:
+        return "-"
+    mid = format(statistics.median(got), fmt) + suffix
+    low, high = format(got[0], fmt), format(got[-1], fmt)
+    return mid if low == high else f"{mid} ({low}-{high})"
+
+
+def median(values: list[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 def table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
@@ -250,111 +304,151 @@ def table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str
     ]
 
 
-def conversion_rows(results: list[Result]) -> list[list[str]]:
+STAGES = ("fetch", "load", "export", "optimize", "validate", "store")
+
+
+def conversion_rows(models: list[Runs]) -> list[list[str]]:
     rows = []
-    for r in results:
-        rep = r.report
-        t = rep.timings if rep else {}
+    for m in models:
+        reps = m.ok
         stages = ", ".join(
-            f"{k} {t[k]:.1f}" for k in ("fetch", "load", "export", "optimize", "validate", "store") if k in t
+            f"{k} {median([rep.timings.get(k) for rep in reps]):.1f}"
+            for k in STAGES
+            if any(k in rep.timings for rep in reps)
         )
-        chosen = rep.precision.value if rep else f"none (exit {r.exit_code})"
+        chosen = Counter(rep.precision.value for rep in reps)
+        loads = [x for r in m.results for x in (r.load_before, r.load_after)]
         rows.append(
             [
-                r.setup.name,
-                f"{r.wall_s:.1f}",
-                num(t.get("total"), ".1f"),
+                m.setup.name,
+                f"{len(reps)}/{len(m.results)}",
+                spread([r.wall_s for r in m.results], ".1f"),
+                spread([rep.timings.get("total") for rep in reps], ".1f"),
                 stages or "-",
-                rep.exporter if rep else "-",
-                str(rep.opset) if rep else "-",
-                f"**{chosen}**",
-                num(rep.latency_ms_before, ".2f") if rep else "-",
-                num(rep.latency_ms_after, ".2f") if rep else "-",
-                f"{rep.speedup:.2f}x" if rep and rep.speedup else "-",
-                (rep.latency_provider or "-") if rep else "-",
-                f"{r.other_load_cores:.2f}",
-                f"{r.load_before:.2f} -> {r.load_after:.2f}",
+                ", ".join(sorted({rep.exporter for rep in reps})) or "-",
+                ", ".join(sorted({str(rep.opset) for rep in reps})) or "-",
+                ", ".join(f"**{p}** ({n}/{len(m.results)})" for p, n in chosen.most_common()) or "none",
+                spread([rep.latency_ms_before for rep in reps], ".2f"),
+                spread([rep.latency_ms_after for rep in reps], ".2f"),
+                spread([rep.speedup for rep in reps], ".2f", "x"),
+                spread([r.other_load_cores for r in m.results], ".2f"),
+                f"{min(loads):.2f}-{max(loads):.2f}",
             ]
         )
     return rows
 
 
-def candidate_rows(results: list[Result]) -> list[list[str]]:
-    rows = []
-    for r in results:
-        before = r.report.latency_ms_before if r.report else None
-        fp32 = next((c for c in r.candidates if c.precision.value == "fp32"), None)
-        chosen = r.report.precision if r.report else None
-        for c in r.candidates:
-            m = c.metrics
-            speedup = f"{before / c.latency_ms:.2f}x" if before and c.latency_ms else "-"
-            vs_fp32 = (
-                f"{fp32.latency_ms / c.latency_ms:.2f}x / {fp32.size_bytes / c.size_bytes:.2f}x"
-                if fp32 and fp32.latency_ms and c.latency_ms and fp32.size_bytes and c.size_bytes
-                else "-"
-            )
-            verdict = "pass" if c.passed else "fail"
-            if c.precision == chosen:
-                verdict = "**pass, chosen**"
+def candidate_rows(models: list[Runs]) -> tuple[list[list[str]], list[str]]:
+    """Table rows, and notes on validation metrics that differed between runs."""
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    for m in models:
+        for precision in m.precisions():
+            cands = m.candidates(precision)
+            speedups: list[float | None] = []
+            vs_fp32: list[float | None] = []
+            chosen = 0
+            for r in m.results:
+                own = next((c for c in r.candidates if c.precision.value == precision), None)
+                fp32 = next((c for c in r.candidates if c.precision.value == "fp32"), None)
+                if own is None:
+                    continue
+                before = r.report.latency_ms_before if r.report else None
+                speedups.append(ratio(before, own.latency_ms))
+                vs_fp32.append(ratio(fp32.latency_ms, own.latency_ms) if fp32 else None)
+                chosen += bool(r.report and r.report.precision.value == precision)
+            fp32_size = median([c.size_bytes for c in m.candidates("fp32")])
+            first = cands[0]
+            metrics = {c.metrics.model_dump_json() for c in cands}
+            if len(metrics) > 1:
+                notes.append(f"{m.setup.name} {precision}: validation metrics differed between runs")
+            passed = sum(c.passed for c in cands)
+            verdict = f"pass {passed}/{len(cands)}" if passed else f"fail {len(cands)}/{len(cands)}"
+            if chosen:
+                verdict = f"**{verdict}, chosen {chosen}/{len(cands)}**"
+            reasons = sorted({c.reason for c in cands if c.reason})
             rows.append(
                 [
-                    r.setup.name,
-                    c.precision.value,
+                    m.setup.name,
+                    precision,
                     verdict,
-                    num(None if c.size_bytes is None else c.size_bytes / 1e6, ".2f"),
-                    num(c.latency_ms, ".2f"),
-                    num(c.latency_ms_batch8, ".2f"),
-                    speedup,
-                    vs_fp32,
-                    num(m.cosine_similarity, ".6f"),
-                    num(m.mean_cosine_similarity, ".6f"),
-                    num(m.max_abs_error, ".3g"),
-                    num(m.top1_agreement, ".4f"),
-                    num(c.accuracy_drop, ".4g"),
-                    c.reason or "-",
+                    spread([None if c.size_bytes is None else c.size_bytes / 1e6 for c in cands], ".2f"),
+                    spread([c.latency_ms for c in cands], ".2f"),
+                    spread([c.latency_ms_batch8 for c in cands], ".2f"),
+                    spread(speedups, ".2f", "x"),
+                    spread(vs_fp32, ".2f", "x"),
+                    num(ratio(fp32_size, median([c.size_bytes for c in cands])), ".2f") + "x",
+                    num(first.metrics.cosine_similarity, ".6f"),
+                    num(first.metrics.mean_cosine_similarity, ".6f"),
+                    num(first.metrics.max_abs_error, ".3g"),
+                    num(first.metrics.top1_agreement, ".4f"),
+                    num(first.accuracy_drop, ".4g"),
+                    "; ".join(reasons) or "-",
                 ]
             )
-    return rows
+    return rows, notes
 
 
-def observations(results: list[Result]) -> list[str]:
-    """Facts computed from the run (no judgement beyond the numbers)."""
+def observations(models: list[Runs]) -> list[str]:
+    """Facts computed from the run (medians over the repeats; no judgement beyond the numbers)."""
     lines = []
-    for r in results:
-        if r.report is None:
-            why = r.failure.message if r.failure else r.stderr_tail.strip().splitlines()[-1:] or ["?"]
-            lines.append(f"- **{r.setup.name}**: conversion failed (exit {r.exit_code}): {str(why)[:400]}")
+    for m in models:
+        failed = [r for r in m.results if r.report is None]
+        for r in failed:
+            tail = r.stderr_tail.strip().splitlines()[-1:] or ["?"]
+            why = r.failure.message if r.failure else tail[0]
+            lines.append(f"- **{m.setup.name}**: a conversion failed (exit {r.exit_code}): {why[:400]}")
+        reps = m.ok
+        if not reps:
             continue
-        fp32 = next((c for c in r.candidates if c.precision.value == "fp32"), None)
-        parts = [f"chose **{r.report.precision.value}** in {r.wall_s:.0f} s wall"]
-        for c in r.candidates:
-            if c is fp32 or fp32 is None or not (c.latency_ms and fp32.latency_ms):
+        chosen = Counter(rep.precision.value for rep in reps).most_common(1)[0][0]
+        wall = median([r.wall_s for r in m.results if r.report])
+        parts = [f"chose **{chosen}**; {wall:.0f} s wall per conversion (median)"]
+        fp32 = m.candidates("fp32")
+        fp32_b1 = median([c.latency_ms for c in fp32])
+        fp32_b8 = median([c.latency_ms_batch8 for c in fp32])
+        fp32_size = median([c.size_bytes for c in fp32])
+        for precision in m.precisions():
+            if precision == "fp32" or not fp32:
                 continue
-            b8 = (
-                f", batch 8 {fp32.latency_ms_batch8 / c.latency_ms_batch8:.2f}x"
-                if c.latency_ms_batch8 and fp32.latency_ms_batch8
-                else ""
-            )
-            size = f"{fp32.size_bytes / c.size_bytes:.2f}x" if c.size_bytes and fp32.size_bytes else "?"
+            cands = m.candidates(precision)
+            size = ratio(fp32_size, median([c.size_bytes for c in cands]))
+            b1 = ratio(fp32_b1, median([c.latency_ms for c in cands]))
+            b8 = ratio(fp32_b8, median([c.latency_ms_batch8 for c in cands]))
+            passed = sum(c.passed for c in cands)
             parts.append(
-                f"{c.precision.value} is {size} smaller than the fp32 candidate "
-                f"({', '.join(c.optimizations) or 'no optimizations recorded'}) and "
-                f"{fp32.latency_ms / c.latency_ms:.2f}x as fast at batch 1{b8} "
-                f"({'passed' if c.passed else 'failed: ' + c.reason})"
+                f"{precision} ({', '.join(cands[0].optimizations) or 'no steps recorded'}): "
+                f"{num(size, '.2f')}x smaller than fp32, median p50 {num(b1, '.2f')}x fp32's speed at "
+                f"batch 1 and {num(b8, '.2f')}x at batch 8, passed {passed}/{len(cands)}"
             )
-        if fp32 is not None:
-            m = fp32.metrics
+        if fp32:
+            mt = fp32[0].metrics
             parts.append(
-                f"fp32 agrees with the source model to min cosine {num(m.cosine_similarity, '.6f')}, "
-                f"max abs error {num(m.max_abs_error, '.3g')}"
-                + (f", top-1 {m.top1_agreement:.4f}" if m.top1_agreement is not None else "")
+                f"fp32 against the PyTorch model: min cosine {num(mt.cosine_similarity, '.6f')}, "
+                f"max abs error {num(mt.max_abs_error, '.3g')}"
+                + (f", top-1 {mt.top1_agreement:.4f}" if mt.top1_agreement is not None else "")
             )
-        lines.append(f"- **{r.setup.name}**: " + "; ".join(parts) + ".")
+        lines.append(f"- **{m.setup.name}**: " + "; ".join(parts) + ".")
     return lines
 
 
+def worst_spread(models: list[Runs]) -> float | None:
+    """Largest max/min of one latency cell (model, candidate, batch size) across conversions."""
+    worst = None
+    for m in models:
+        cells = [[rep.latency_ms_before for rep in m.ok]]
+        for precision in m.precisions():
+            cands = m.candidates(precision)
+            cells += [[c.latency_ms for c in cands], [c.latency_ms_batch8 for c in cands]]
+        for cell in cells:
+            got = [v for v in cell if v]
+            if len(got) > 1:
+                worst = max(worst or 0.0, max(got) / min(got))
+    return worst
+
+
 def section(
-    results: list[Result],
+    models: list[Runs],
     info: dict[str, str],
     load: dict[str, tuple[float, float, float]],
     waited: tuple[bool, float],
@@ -364,17 +458,25 @@ def section(
 ) -> str:
     quiet, waited_s = waited
     fmt_load = {k: " / ".join(f"{x:.2f}" for x in v) for k, v in load.items()}
-    provider = next((r.report.latency_provider for r in results if r.report), None) or "?"
+    reports = [rep for m in models for rep in m.ok]
+    provider = next((rep.latency_provider for rep in reports if rep.latency_provider), "?")
+    repeats = max(len(m.results) for m in models)
+    other = [r.other_load_cores for m in models for r in m.results]
+    cand_rows, notes = candidate_rows(models)
+    spread_max = worst_spread(models) if repeats > 1 else None
     lines = [
         SECTION,
         "",
-        "The real converter (`ptm convert`, one process per model, each into a fresh temporary "
-        "store so nothing is reused) on real models; every number below comes from the "
+        "The real converter (`ptm convert`, one process per conversion, each into a fresh "
+        "temporary store so nothing is reused) on real models; every number below comes from the "
         "`report.json` it wrote beside the artifact, except the wall time (the whole `ptm convert` "
-        "process, interpreter start and imports included). A benchmark: nothing is asserted.",
+        "process, interpreter start and imports included). A benchmark: nothing is asserted. "
+        f"Each model was converted {repeats} times, the models taking turns; timings are the "
+        "median (and range) over those conversions, sizes and validation metrics are the same in "
+        "every run" + (" except where noted" if notes else "") + ".",
         "",
         f"- **Machine**: {info['cpu']}, {info['nproc']} cores, {info['memory']}, kernel {info['kernel']}; "
-        f"Python {info['python']}, {info['versions']}. Latencies on {provider}.",
+        f"Python {info['python']}, {info['versions']}. Latencies on {provider}; no GPU.",
         f"- **Load** (`/proc/loadavg`, 1 / 5 / 15 min): {fmt_load['before']} before, "
         f"{fmt_load['after']} after. "
         + (
@@ -384,59 +486,72 @@ def section(
             "the run went ahead on a busy machine, so latencies and wall times are inflated by "
             "the neighbours."
         )
-        + " *Other load* below is CPU used by processes outside the conversion while it ran "
-        "(from `/proc/stat`, in cores): anything well above 0 means the neighbours shared the cores.",
+        + f" Processes outside the conversions used {min(other):.2f}-{max(other):.2f} cores while "
+        "they ran (*other load*, from `/proc/stat`): latencies are measured on a shared machine, "
+        "and the converter times each cell with 3 to 15 runs in a 1 s budget"
+        + (
+            f"; the same cell moved by up to {spread_max:.1f}x between conversions (see the ranges), "
+            "sizes, metrics and verdicts did not."
+            if spread_max
+            else "."
+        ),
         f"- **Command**: `{shlex.join(['.venv/bin/python', 'bench/convert.py', *argv])}` "
-        f"({total_s:.0f} s in all). Per model:",
+        f"({total_s:.0f} s in all). Each conversion runs:",
         "",
     ]
-    for r in results:
+    for m in models:
+        if not m.results:
+            continue
+        r = m.results[0]
         shown = shlex.join(["ptm", *r.command[1:]] if r.command[0].endswith("/ptm") else r.command)
         shown = shown.replace(str(r.work), "$WORK").replace(str(REPO) + "/", "")
-        lines += [f"  - `{r.setup.name}`: {r.setup.describe}.", f"    `{shown}`"]
+        lines += [
+            f"  - `{m.setup.name}`: {m.setup.describe}; latency on {m.setup.latency_input()}.",
+            f"    `{shown}`",
+        ]
     lines += [
         "",
-        "  (`$WORK`: a fresh temporary folder per model.)",
+        "  (`$WORK`: a fresh temporary folder per conversion.)",
         "",
         "### What it shows",
         "",
-        *observations(results),
+        *observations(models),
+        *(f"- {n}." for n in notes),
         "",
         "### Conversions",
         "",
-        "Wall s: the `ptm convert` process; report s: the converter's own total, stages from "
-        "`report.timings`. Latency before: the plain export, batch 1; after: the chosen candidate; "
-        "speedup = before / after (as the report records it).",
+        "ok: conversions that stored an artifact. Wall s: the `ptm convert` process; report s: the "
+        "converter's own total; stages: medians from `report.timings`. p50 before: the plain "
+        "export at batch 1; after: the chosen candidate; speedup = before / after, as the report "
+        "records it.",
         "",
         *table(
             [
                 "model",
+                "ok",
                 "wall s",
                 "report s",
-                "stages s",
+                "stages s (median)",
                 "exporter",
                 "opset",
                 "chosen",
                 "p50 before ms",
                 "p50 after ms",
                 "speedup",
-                "provider",
                 "other load (cores)",
                 "load 1-min",
             ],
-            conversion_rows(results),
-            right={1, 2, 5, 7, 8, 9, 11},
+            conversion_rows(models),
+            right={1, 2, 3, 6, 8, 9, 10, 11},
         ),
         "",
         "### Candidates",
         "",
-        "In preference order. p50: the converter's median of 3 to 15 timed runs after warm-up (a 1 s "
-        "budget per batch size, so slow cells get only 3 runs). "
-        "Speedup: the plain export's batch-1 p50 / the candidate's; vs fp32: the fp32 candidate's "
-        "batch-1 p50 / the candidate's and the fp32 size / the candidate's. Metrics against the "
-        "PyTorch source model over the validation samples: min and mean per-sample cosine, max "
-        "absolute error, top-1 agreement (classifiers); accuracy drop is 1 - top-1 for "
-        "classifiers, 1 - mean cosine otherwise.",
+        "In preference order. Speedup: the plain export's batch-1 p50 / the candidate's, per "
+        "conversion; vs fp32: the fp32 candidate's batch-1 p50 / the candidate's, per conversion, "
+        "and the fp32 size / the candidate's. Metrics against the PyTorch source model over the "
+        "validation samples: min and mean per-sample cosine, max absolute error, top-1 agreement "
+        "(classifiers); accuracy drop is 1 - top-1 for classifiers, 1 - mean cosine otherwise.",
         "",
         *table(
             [
@@ -447,7 +562,8 @@ def section(
                 "p50 b1 ms",
                 "p50 b8 ms",
                 "speedup",
-                "vs fp32 (latency / size)",
+                "vs fp32 latency",
+                "vs fp32 size",
                 "min cos",
                 "mean cos",
                 "max abs err",
@@ -455,8 +571,8 @@ def section(
                 "acc. drop",
                 "why not",
             ],
-            candidate_rows(results),
-            right={3, 4, 5, 6, 8, 9, 10, 11, 12},
+            cand_rows,
+            right={3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13},
         ),
         "",
     ]
@@ -491,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
     p.add_argument("--out", type=Path, default=REPO / "bench/RESULTS.md", help="file that gets the section")
+    p.add_argument("--repeat", type=int, default=3, help="conversions per model (the models take turns)")
     p.add_argument("--json", type=Path, help="also write the raw results (reports included) here")
     p.add_argument("--max-load", type=float, default=3.0, help="wait until the 1-minute load is below this")
     p.add_argument("--max-wait", type=float, default=25 * 60, help="seconds to wait for it at most")
@@ -500,20 +617,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SETUPS]
     if unknown or not names:
         p.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
 
     waited = wait_for_load(args.max_load, args.max_wait, args.poll)
     info = machine()
     load = {"before": loadavg()}
     start = time.perf_counter()
-    results = []
-    for name in names:
-        with tempfile.TemporaryDirectory(prefix=f"ptm-bench-convert-{name}-") as work:
-            results.append(run_one(SETUPS[name], Path(work)))
+    models = [Runs(SETUPS[name]) for name in names]
+    for _ in range(args.repeat):
+        for m in models:
+            with tempfile.TemporaryDirectory(prefix=f"ptm-bench-convert-{m.setup.name}-") as work:
+                m.results.append(run_one(m.setup, Path(work)))
     total = time.perf_counter() - start
     load["after"] = loadavg()
 
-    text = section(results, info, load, waited, args.max_load, argv, total)
-    write_section(args.out, text)
+    write_section(args.out, section(models, info, load, waited, args.max_load, argv, total))
     print(f"wrote the section to {args.out}")
     if args.json:
         raw = [
@@ -528,10 +647,11 @@ def main(argv: list[str] | None = None) -> int:
                 else None,
                 "failure": r.failure.model_dump(by_alias=True, mode="json") if r.failure else None,
             }
-            for r in results
+            for m in models
+            for r in m.results
         ]
         args.json.write_text(json.dumps({"machine": info, "load": load, "results": raw}, indent=2))
-    return 0 if all(r.report for r in results) else 1
+    return 0 if all(r.report for m in models for r in m.results) else 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from ptm_operator import GROUP, PLURAL, VERSION
 from ptm_operator.api import Condition, PretrainedModel
+from ptm_operator.builders.names import MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL
 from ptm_operator.builders.store import Store, store_from_settings
 from ptm_operator.conditions import set_condition
 from ptm_operator.kube import Kube
@@ -105,44 +106,88 @@ def carry_out(model: PretrainedModel, result: Plan, body: kopf.Body) -> None:
 
 
 _locks: dict[str, threading.Lock] = {}
+_dirty: set[str] = set()
 _locks_guard = threading.Lock()
 
 
-def _lock_for(uid: str) -> threading.Lock:
+def _lock_for(key: str) -> threading.Lock:
     with _locks_guard:
-        return _locks.setdefault(uid, threading.Lock())
+        return _locks.setdefault(key, threading.Lock())
 
 
 def reconcile(body: kopf.Body, patch: kopf.Patch) -> Plan | None:
-    """One reconcile of one resource, serialized per object and planned from a fresh read.
-
-    The change handlers and the health timer may fire together; kopf hands each a body that
-    can be a moment old. Planning from a stale status could undo what the other just decided
-    (a rollback, a promotion), so each reconcile takes the object's lock, re-reads it, and
-    writes status itself before releasing the lock.
-    """
-    started = time.monotonic()
+    """Reconcile the resource a kopf handler was called for (see reconcile_named)."""
     parse_or_fail(body, patch)
     meta = body.get("metadata", {})
-    with _lock_for(str(meta.get("uid"))):
-        k = kube()
-        try:
-            model = k.get_model(meta.get("namespace") or "default", meta["name"])
-            if model is None or model.metadata.deletion_timestamp is not None:
-                return None
-            observed = k.observe(model)
-            result = plan(model, observed, utcnow(), settings(), store())
-            carry_out(model, result, body)
-            k.patch_status(model, result.status_patch(model.status.wire()))
-            if result.consume_annotations:
-                present = [key for key in result.consume_annotations if key in model.metadata.annotations]
-                if present:
-                    k.remove_annotations(model, present)
-        except Exception:
-            metrics().reconcile_done("error", time.monotonic() - started)
-            raise
+    return reconcile_named(meta.get("namespace") or "default", meta["name"], wait=True)
+
+
+def reconcile_named(namespace: str, name: str, wait: bool) -> Plan | None:
+    """One reconcile of one resource, serialized per object and planned from a fresh read.
+
+    The change handlers, the health timer and children's events may fire together; kopf hands
+    each a body that can be a moment old. Planning from a stale status could undo what another
+    just decided (a rollback, a promotion), so each reconcile takes the object's lock, re-reads
+    it and writes status itself before releasing the lock. With `wait` False (children's
+    events, which come in bursts) a reconcile already running is asked to run once more
+    instead of queueing another.
+    """
+    key = f"{namespace}/{name}"
+    lock = _lock_for(key)
+    if not lock.acquire(blocking=wait):
+        with _locks_guard:
+            _dirty.add(key)
+        return None
+    try:
+        while True:
+            with _locks_guard:
+                _dirty.discard(key)
+            result = _reconcile_once(namespace, name)
+            with _locks_guard:
+                again = key in _dirty
+            if not again:
+                return result
+    finally:
+        lock.release()
+
+
+def _reconcile_once(namespace: str, name: str) -> Plan | None:
+    started = time.monotonic()
+    k = kube()
+    try:
+        model = k.get_model(namespace, name)
+        if model is None or model.metadata.deletion_timestamp is not None:
+            return None
+        observed = k.observe(model)
+        result = plan(model, observed, utcnow(), settings(), store())
+        carry_out(model, result, _event_target(model))
+        new_status = result.status_patch(model.status.wire())
+        if new_status != model.status.wire():
+            k.patch_status(model, new_status)
+        if result.consume_annotations:
+            present = [key for key in result.consume_annotations if key in model.metadata.annotations]
+            if present:
+                k.remove_annotations(model, present)
+    except Exception:
+        metrics().reconcile_done("error", time.monotonic() - started)
+        raise
     metrics().reconcile_done("waiting" if result.requeue_after else "settled", time.monotonic() - started)
     return result
+
+
+def _event_target(model: PretrainedModel) -> kopf.Body:
+    """What kopf.event needs to attach an Event to the resource."""
+    return kopf.Body(
+        {
+            "apiVersion": model.api_version,
+            "kind": model.kind,
+            "metadata": {
+                "name": model.metadata.name,
+                "namespace": model.metadata.namespace or "default",
+                "uid": model.metadata.uid or "",
+            },
+        }
+    )
 
 
 #: Retry delay after an unexpected error (API conflicts, 5xx): kopf's default is a minute.
@@ -154,8 +199,28 @@ ERROR_BACKOFF = 5.0
 @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile", backoff=ERROR_BACKOFF)
 def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     result = reconcile(body, patch)
-    if result is not None and result.requeue_after is not None:
+    # Waiting for a child (a Job, pods) needs no retry here: the child's events wake the
+    # resource (child_changed). Only a wait for time (a pause, an interval) holds the handler.
+    if result is not None and result.timed and result.requeue_after is not None:
         raise kopf.TemporaryError(result.waiting_for or "waiting", delay=result.requeue_after)
+
+
+_MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)
+@kopf.on.event("apps", "v1", "deployments", labels=_MANAGED)
+@kopf.on.event("", "v1", "pods", labels=_MANAGED)
+def child_changed(body: kopf.Body, **_: Any) -> None:
+    """A Job, Deployment or pod of a model changed: reconcile that model now (coalesced)."""
+    meta = body.get("metadata", {})
+    model = (meta.get("labels") or {}).get(MODEL_LABEL)
+    namespace = meta.get("namespace")
+    if model and namespace:
+        try:
+            reconcile_named(namespace, model, wait=False)
+        except kopf.PermanentError:
+            return
 
 
 @kopf.timer(

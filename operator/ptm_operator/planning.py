@@ -151,6 +151,9 @@ class Plan:
     """Annotations acted on (ptm.dev/promote, ptm.dev/abort), to be removed."""
     route: tuple[str, list[dict[str, Any]]] | None = None
     """(HTTPRoute name, backendRefs) for gatewayAPI routing: the model's rules get these refs."""
+    timed: bool = False
+    """The wait is for a time (a pause, an analysis interval, a scale-down delay), not for a
+    child to change: only then must the operator wake itself; children's events wake it otherwise."""
 
     def status_patch(self, previous: dict[str, Any] | None = None) -> dict[str, Any]:
         """The whole status in wire form, as a merge patch over `previous`.
@@ -637,6 +640,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
         if waiting or requeue
         else None,
         waiting_for="; ".join(waiting) or "scale-down of a superseded revision",
+        timed=requeue is not None,
         consume_annotations=consume,
         route=route,
     )
