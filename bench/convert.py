@@ -185,7 +185,8 @@ SETUPS: dict[str, Setup] = {
     "resnet18": Setup(
         name="resnet18",
         describe="torchvision resnet18, random weights (seed 0) saved as a state_dict; validated on "
-        "synthetic inputs",
+        "synthetic inputs (int8-dynamic quantizes MatMul/Gather-type ops only, the converter leaves "
+        "Conv out, so here it touches just the final fc layer)",
         source=resnet18_source,
         args=shlex.split(
             "--format pytorch-state-dict --architecture torchvision.models:resnet18 "

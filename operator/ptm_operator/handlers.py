@@ -93,8 +93,8 @@ def carry_out(model: PretrainedModel, result: Plan, body: kopf.Body) -> None:
     k = kube()
     ns = model.metadata.namespace or "default"
     for manifest in result.apply:
-        k.apply(manifest)
-        metrics().applied.labels(manifest["kind"]).inc()
+        if k.apply(manifest):
+            metrics().applied.labels(manifest["kind"]).inc()
     for gone in result.delete:
         k.delete(gone.api_version, gone.kind, ns, gone.name)
     if result.route is not None:

@@ -8,8 +8,10 @@ no-op and a restarted operator never duplicates what it created before.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,6 +29,9 @@ from ptm_operator.planning import DeploymentObservation, JobObservation, Observe
 from ptm_operator.rollout import needs_samples
 
 log = logging.getLogger(__name__)
+
+#: How long an applied manifest is trusted before it is applied again unchanged (drift repair).
+APPLY_TTL_SECONDS = 300.0
 
 #: apiVersion/kind -> (path prefix, plural) for the kinds the operator manages.
 _KINDS: dict[tuple[str, str], tuple[str, str]] = {
@@ -63,6 +68,7 @@ class Kube:
         self.prometheus_url = prometheus_url
         self._keda: bool | None = None
         self._goldens: dict[str, Any] = {}
+        self._applied: dict[str, tuple[str, float]] = {}
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -101,8 +107,23 @@ class Kube:
                         lab.get("batch.kubernetes.io/job-name") or lab.get("job-name", ""), []
                     ).append(pod)
             polls = [_job_observation(j, poll_pods.get(j["metadata"]["name"], [])) for j in poll_jobs]
+        revisions = [r.revision for r in model.status.revisions]
+        self.forget_missing(
+            "batch/v1",
+            "Job",
+            ns,
+            {jobs.job_name(model, r) for r in revisions},
+            {j["metadata"]["name"] for j in job_items},
+        )
         observed_deps = {}
         deployments = self._list("apps/v1", "Deployment", ns, selector(name, serving.COMPONENT))
+        self.forget_missing(
+            "apps/v1",
+            "Deployment",
+            ns,
+            {serving.deployment_name(model, r) for r in revisions},
+            {d["metadata"]["name"] for d in deployments},
+        )
         for dep in deployments:
             rev = (dep["metadata"].get("labels") or {}).get(REVISION_LABEL)
             if rev and not dep["metadata"].get("deletionTimestamp"):
@@ -122,8 +143,8 @@ class Kube:
             serving_pods = [_pod_observation(p) for p in raw_pods]
         samples: dict[str, Sample] = {}
         if needs_samples(model):
-            revisions = {r for r in (model.status.stable_revision, model.status.canary_revision) if r}
-            for rev in revisions:
+            measured = {r for r in (model.status.stable_revision, model.status.canary_revision) if r}
+            for rev in measured:
                 observed_dep = observed_deps.get(rev)
                 if observed_dep is None:
                     continue
@@ -294,12 +315,32 @@ class Kube:
             response, {"200": "object", "201": "object", "202": "object"}
         ).data
 
-    def apply(self, manifest: dict[str, Any]) -> None:
-        """Server-side apply (force: the operator owns the fields it sets)."""
+    def apply(self, manifest: dict[str, Any]) -> bool:
+        """Server-side apply (force: the operator owns the fields it sets); False when skipped.
+
+        The same manifest applied within APPLY_TTL_SECONDS is skipped: a reconcile that changes
+        nothing then costs no writes. The TTL bounds how long a child changed or deleted behind
+        the operator's back stays so (Jobs and Deployments it observes are re-applied at once).
+        """
         meta = manifest["metadata"]
         path = _path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        text = json.dumps(manifest, sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        now = time.monotonic()
+        last = self._applied.get(path)
+        if last is not None and last[0] == digest and now - last[1] < APPLY_TTL_SECONDS:
+            return False
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
-        self._request("PATCH", path, "application/apply-patch+yaml", json.dumps(manifest), query)
+        self._request("PATCH", path, "application/apply-patch+yaml", text, query)
+        self._applied[path] = (digest, now)
+        return True
+
+    def forget_missing(
+        self, api_version: str, kind: str, namespace: str, expected: set[str], present: set[str]
+    ) -> None:
+        """Drop the apply memory of the `expected` objects that are not `present` (they are gone)."""
+        for name in expected - present:
+            self._applied.pop(_path(api_version, kind, namespace, name), None)
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         """Delete (background propagation); already gone is fine."""
