@@ -1,4 +1,4 @@
-"""Serving benchmark: `ptm serve` beside in-process ONNX Runtime (the limit) and KServe (the peer).
+"""Serving benchmark: `ptm serve` beside in-process ONNX Runtime (the limit), KServe and MLServer.
 
 One run, one machine, the same ONNX files: resnet18 fp32 (600 KB image tensors) and MiniLM-L6
 sentence embeddings at sequence length 128, fp32 and dynamic int8. For each model it measures
@@ -11,6 +11,9 @@ sentence embeddings at sequence length 128, fp32 and dynamic int8. For each mode
   ptm-grpc        `ptm serve`, V2 gRPC raw_input_contents       (load: ghz)
   kserve-*        the same three against KServe's Python ModelServer with a kserve.Model that
                   runs the same file (bench/kserve_model.py, in bench/.venv-kserve)
+  mlserver-*      REST JSON and gRPC against MLServer with a custom MLModel that runs the same
+                  file (bench/mlserver_model.py, in bench/.venv-mlserver; parallel_workers 0:
+                  one process, inference in its event loop)
 
 at concurrency 1, 8 and 32: throughput, p50/p99 latency, server CPU per request and RSS.
 Load comes from native generators (wrk, ghz) so the client does not eat the server's Python
@@ -30,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,6 +54,8 @@ TARGETS = (
     "kserve-rest-json",
     "kserve-rest-bin",
     "kserve-grpc",
+    "mlserver-rest-json",
+    "mlserver-grpc",
 )
 DEFAULT_TARGETS = [t for t in TARGETS if t != "kserve-rest-bin"]
 SEQ = 128
@@ -442,10 +448,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, kind: str, model_path: Path, workdir: Path, ptm_args: list[str]) -> None:
+    def __init__(
+        self, kind: str, model_path: Path, workdir: Path, ptm_args: list[str], mlserver_workers: int = 0
+    ) -> None:
         self.kind = kind
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         self.log = (workdir / f"{kind}-{model_path.stem}.log").open("wb")
+        self.tmp: tempfile.TemporaryDirectory[str] | None = None
+        env, cwd = None, None
         if kind == "ptm":
             cmd = [
                 sys.executable,
@@ -464,6 +474,34 @@ class Server:
                 "warning",
                 *ptm_args,
             ]
+        elif kind == "mlserver":
+            mlserver = BENCH / ".venv-mlserver/bin/mlserver"
+            if not mlserver.exists():
+                raise SystemExit(
+                    f"{mlserver} is missing: see bench/README.md (python3.11 -m venv ... mlserver)"
+                )
+            self.tmp = tempfile.TemporaryDirectory(prefix="ptm-bench-mlserver-")
+            folder = Path(self.tmp.name)
+            settings = {
+                "host": "127.0.0.1",
+                "http_port": self.http,
+                "grpc_port": self.grpc,
+                "metrics_port": self.metrics,
+                "metrics_endpoint": None,  # no metrics server (ptm's is on, on 127.0.0.1)
+                "parallel_workers": mlserver_workers,  # 0: one process, like the other servers
+                "debug": False,  # no access log (KServe's latency logging is off too)
+                "load_models_at_startup": True,
+            }
+            model = {
+                "name": "m",
+                "implementation": "mlserver_model.OnnxModel",
+                "parameters": {"uri": str(model_path.resolve())},
+            }
+            (folder / "settings.json").write_text(json.dumps(settings))
+            (folder / "model-settings.json").write_text(json.dumps(model))
+            env = {**os.environ, "PYTHONPATH": str(BENCH)}
+            cwd = folder
+            cmd = [str(mlserver), "start", str(folder)]
         else:
             python = BENCH / ".venv-kserve/bin/python"
             if not python.exists():
@@ -484,7 +522,7 @@ class Server:
                 "--enable_latency_logging",
                 "false",
             ]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
 
     def stack_totals(self) -> tuple[float, float]:
         """ptm's own overhead counter (sum, count): time per request outside queue and model."""
@@ -535,6 +573,8 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(10)
         self.log.close()
+        if self.tmp is not None:
+            self.tmp.cleanup()
 
 
 def verify(
@@ -555,7 +595,10 @@ def verify(
                 response_deserializer=pb.ModelInferResponse.FromString,
             )
             reply = call(files["grpc"][0].read_bytes(), timeout=60)
-        got = np.frombuffer(reply.raw_output_contents[0], np.float32)
+        if reply.raw_output_contents:
+            got = np.frombuffer(reply.raw_output_contents[0], np.float32)
+        else:
+            got = np.array(reply.outputs[0].contents.fp32_contents, np.float32)
     else:
         path, headers = files[wire]
         r = httpx.post(
@@ -585,16 +628,20 @@ def machine() -> dict[str, str]:
             cpu = line.split(":", 1)[1].strip()
             break
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-    kserve = subprocess.run(
-        [
-            str(BENCH / ".venv-kserve/bin/python"),
-            "-c",
-            "from importlib.metadata import version; print(version('kserve'))",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+
+    def version(venv: str, package: str) -> str:
+        python = BENCH / venv / "bin/python"
+        if not python.exists():
+            return ""
+        return subprocess.run(
+            [str(python), "-c", f"from importlib.metadata import version; print(version({package!r}))"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+
+    kserve = version(".venv-kserve", "kserve")
+    mlserver = version(".venv-mlserver", "mlserver")
     return {
         "cpu": cpu,
         "cores": str(os.cpu_count()),
@@ -603,6 +650,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "kserve": kserve or "not installed",
+        "mlserver": mlserver or "not installed",
         "gpu": "none (CPUExecutionProvider only)",
     }
 
@@ -648,11 +696,11 @@ def run(args: argparse.Namespace) -> list[Cell]:
                 print(_line(cells[-1]), flush=True)
             cells.append(measure_inproc(model, path, 1, args.duration, batch=INPROC_BATCH))
             print(_line(cells[-1]), flush=True)
-        for kind in ("ptm", "kserve"):
+        for kind in ("ptm", "kserve", "mlserver"):
             wires = [t.split("-", 1)[1] for t in args.targets if t.startswith(kind + "-")]
             if not wires:
                 continue
-            server = Server(kind, path, workdir, args.ptm_args)
+            server = Server(kind, path, workdir, args.ptm_args, args.mlserver_workers)
             try:
                 server.wait_ready()
                 for wire in wires:
@@ -704,7 +752,8 @@ def _line(c: Cell) -> str:
 def markdown(cells: list[Cell], info: dict[str, str], command: str, duration: float) -> str:
     out = [
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GiB, kernel {info['kernel']}; "
-        f"GPU: {info['gpu']}. Python {info['python']}, onnxruntime {info['onnxruntime']}, kserve {info['kserve']}; "
+        f"GPU: {info['gpu']}. Python {info['python']}, onnxruntime {info['onnxruntime']}, kserve {info['kserve']}, "
+        f"mlserver {info.get('mlserver', 'not installed')}; "
         f"{info.get('load', '')}.",
         "",
         f"Command: `{command}` ({duration:g} s per cell after a warm-up).",
@@ -756,6 +805,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="seconds of load before each cell")
     parser.add_argument("--workdir", default=str(BENCH / ".work"))
     parser.add_argument("--ghz", help="path to ghz (default: PATH, then ~/go/bin/ghz)")
+    parser.add_argument(
+        "--mlserver-workers",
+        type=int,
+        default=0,
+        help="MLServer parallel_workers (0: inference in the server process, the default here; "
+        "MLServer's own default 1 runs it in one extra worker process)",
+    )
     parser.add_argument(
         "--ptm-args",
         nargs=argparse.REMAINDER,

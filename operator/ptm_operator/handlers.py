@@ -12,6 +12,7 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import kopf
@@ -89,7 +90,7 @@ def parse_or_fail(body: kopf.Body, patch: kopf.Patch) -> PretrainedModel:
         raise kopf.PermanentError(f"invalid spec: {message}") from exc
 
 
-def carry_out(model: PretrainedModel, result: Plan, body: kopf.Body) -> None:
+def carry_out(model: PretrainedModel, result: Plan) -> None:
     k = kube()
     ns = model.metadata.namespace or "default"
     for manifest in result.apply:
@@ -100,9 +101,9 @@ def carry_out(model: PretrainedModel, result: Plan, body: kopf.Body) -> None:
     if result.route is not None:
         problem = k.set_route_backends(model, *result.route)
         if problem is not None:
-            kopf.event(body, type="Warning", reason="RouteNotManaged", message=problem)
+            k.post_event(model, "Warning", "RouteNotManaged", problem)
     for event in result.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        k.post_event(model, event.type, event.reason, event.message)
 
 
 _locks: dict[str, threading.Lock] = {}
@@ -160,7 +161,7 @@ def _reconcile_once(namespace: str, name: str) -> Plan | None:
             return None
         observed = k.observe(model)
         result = plan(model, observed, utcnow(), settings(), store())
-        carry_out(model, result, _event_target(model))
+        carry_out(model, result)
         new_status = result.status_patch(model.status.wire())
         if new_status != model.status.wire():
             k.patch_status(model, new_status)
@@ -173,21 +174,6 @@ def _reconcile_once(namespace: str, name: str) -> Plan | None:
         raise
     metrics().reconcile_done("waiting" if result.requeue_after else "settled", time.monotonic() - started)
     return result
-
-
-def _event_target(model: PretrainedModel) -> kopf.Body:
-    """What kopf.event needs to attach an Event to the resource."""
-    return kopf.Body(
-        {
-            "apiVersion": model.api_version,
-            "kind": model.kind,
-            "metadata": {
-                "name": model.metadata.name,
-                "namespace": model.metadata.namespace or "default",
-                "uid": model.metadata.uid or "",
-            },
-        }
-    )
 
 
 #: Retry delay after an unexpected error (API conflicts, 5xx): kopf's default is a minute.
@@ -208,19 +194,53 @@ def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 _MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
 
 
+class WorkQueue:
+    """Resources to reconcile because a child changed: a set (a burst of events for one model
+    is one entry) served by a few threads, so event handlers return at once and memory stays
+    bounded by the number of models, whatever the event rate."""
+
+    def __init__(self, workers: int) -> None:
+        self._pending: set[tuple[str, str]] = set()
+        self._order: deque[tuple[str, str]] = deque()
+        self._ready = threading.Condition()
+        for i in range(workers):
+            threading.Thread(target=self._run, name=f"ptm-child-{i}", daemon=True).start()
+
+    def add(self, namespace: str, name: str) -> None:
+        with self._ready:
+            if (namespace, name) not in self._pending:
+                self._pending.add((namespace, name))
+                self._order.append((namespace, name))
+                self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._order:
+                    self._ready.wait()
+                key = self._order.popleft()
+                self._pending.discard(key)
+            try:
+                reconcile_named(*key, wait=False)
+            except Exception:  # the next event or the health timer tries again
+                log.exception("reconcile of %s/%s after a child changed failed", *key)
+
+
+@functools.cache
+def child_queue() -> WorkQueue:
+    return WorkQueue(settings().child_workers)
+
+
 @kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)
 @kopf.on.event("apps", "v1", "deployments", labels=_MANAGED)
 @kopf.on.event("", "v1", "pods", labels=_MANAGED)
 def child_changed(body: kopf.Body, **_: Any) -> None:
-    """A Job, Deployment or pod of a model changed: reconcile that model now (coalesced)."""
+    """A Job, Deployment or pod of a model changed: queue that model for a reconcile."""
     meta = body.get("metadata", {})
     model = (meta.get("labels") or {}).get(MODEL_LABEL)
     namespace = meta.get("namespace")
     if model and namespace:
-        try:
-            reconcile_named(namespace, model, wait=False)
-        except kopf.PermanentError:
-            return
+        child_queue().add(namespace, model)
 
 
 @kopf.timer(

@@ -249,6 +249,38 @@ class Kube:
             self._request("PATCH", path, "application/merge-patch+json", body, [])
         return None
 
+    def post_event(self, model: PretrainedModel, type_: str, reason: str, message: str) -> None:
+        """An Event on the resource (core/v1, what kubectl describe and get events show)."""
+        ns = model.metadata.namespace or "default"
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{model.metadata.name}.", "namespace": ns},
+            "involvedObject": {
+                "apiVersion": model.api_version,
+                "kind": model.kind,
+                "name": model.metadata.name,
+                "namespace": ns,
+                "uid": model.metadata.uid or "",
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": FIELD_MANAGER,
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "eventTime": now,
+            "action": reason,
+            "count": 1,
+        }
+        try:
+            self._request("POST", f"/api/v1/namespaces/{ns}/events", "application/json", body, [])
+        except ApiException as exc:  # an Event is best effort: never fail a reconcile for it
+            log.warning("cannot post Event %s on %s/%s: %s", reason, ns, model.metadata.name, exc.reason)
+
     def patch_status(self, model: PretrainedModel, status: dict[str, Any]) -> None:
         """Merge-patch the status subresource (nulls clear fields)."""
         from ptm_operator import GROUP, PLURAL, VERSION

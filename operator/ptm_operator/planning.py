@@ -291,8 +291,11 @@ class _Conditions:
             bad = (c.type == ConditionType.DEGRADED.value and c.status is ConditionStatus.TRUE) or (
                 c.type != ConditionType.DEGRADED.value and c.status is ConditionStatus.FALSE
             )
-            if c.type == ConditionType.PROGRESSING.value or c.reason in PROGRESS_REASONS:
-                continue  # progress is visible in status; events are for outcomes
+            if (
+                c.type in (ConditionType.PROGRESSING.value, ConditionType.READY.value)
+                or c.reason in PROGRESS_REASONS
+            ):
+                continue  # progress is visible in status and Ready only summarizes: events are for outcomes
             if c.status is ConditionStatus.UNKNOWN:
                 continue
             events.append(

@@ -723,7 +723,7 @@ def test_the_round_that_serves_announces_it() -> None:
     m = then(m, run(m, Observed(jobs=succeeded()), T0 + timedelta(minutes=5)))
     p = run(m, Observed(jobs=succeeded(), deployments={REV: dep(REV)}), T0 + timedelta(minutes=6))
     reasons = {(e.type, e.reason, e.message.split(":")[0]) for e in p.events}
-    assert reasons == {("Normal", "Serving", "Available=True"), ("Normal", "Serving", "Ready=True")}
+    assert reasons == {("Normal", "Serving", "Available=True")}  # Ready only summarizes: no second Event
 
 
 def test_observed_generation_follows_the_resource() -> None:
