@@ -233,9 +233,13 @@ def child_queue() -> WorkQueue:
 
 @kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)
 @kopf.on.event("apps", "v1", "deployments", labels=_MANAGED)
-@kopf.on.event("", "v1", "pods", labels=_MANAGED)
 def child_changed(body: kopf.Body, **_: Any) -> None:
-    """A Job, Deployment or pod of a model changed: queue that model for a reconcile."""
+    """A Job or Deployment of a model changed: queue that model for a reconcile.
+
+    Pods are not watched: a Job's status follows its pod's end and a Deployment's follows its
+    pods' readiness, and watching every pod would cost a per-pod watch state and an event storm
+    at scale; pod-level trouble (crash loops, OOMKilled) is read by the health timer.
+    """
     meta = body.get("metadata", {})
     model = (meta.get("labels") or {}).get(MODEL_LABEL)
     namespace = meta.get("namespace")
