@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     health_interval_seconds: float = Field(default=30.0, gt=0)
     """How often the health timer re-reads each resource's children."""
 
-    child_workers: int = Field(default=8, ge=1, le=64)
+    child_workers: int = Field(default=24, ge=1, le=64)
     """Threads that reconcile models whose children (Jobs, Deployments, pods) changed."""
 
     prometheus_url: str | None = None
