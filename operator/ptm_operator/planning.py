@@ -231,15 +231,6 @@ def endpoint(model: PretrainedModel) -> EndpointStatus:
     )
 
 
-def desired_replicas(model: PretrainedModel, observed: DeploymentObservation | None) -> int:
-    """Fixed replicas, or (with autoscaling) what the HPA set, bounded by min/max."""
-    auto = model.spec.serving.autoscaling
-    if auto is None:
-        return model.spec.serving.replicas
-    current = observed.replicas if observed is not None else auto.min_replicas
-    return max(auto.min_replicas, min(auto.max_replicas, current or auto.min_replicas))
-
-
 def _upsert(revisions: list[RevisionStatus], record: RevisionStatus) -> list[RevisionStatus]:
     out = [r for r in revisions if r.revision != record.revision]
     out.append(record)

@@ -25,7 +25,7 @@ from ptm_operator.api import (
 )
 
 if TYPE_CHECKING:
-    from ptm_operator.planning import Observed
+    from ptm_operator.planning import DeploymentObservation, Observed
 
 
 @dataclass
@@ -72,13 +72,21 @@ def achieved_weight(stable_replicas: int, canary: int) -> int:
     return round(100 * canary / total) if total else 0
 
 
-def stable_size(model: PretrainedModel, observed: Observed, stable: str) -> int:
-    """The stable revision's current size: the HPA's choice when autoscaling, else spec.replicas."""
+def desired_replicas(model: PretrainedModel, observed: DeploymentObservation | None) -> int:
+    """Fixed replicas, or (with autoscaling) what the HPA set, bounded by min/max."""
     auto = model.spec.serving.autoscaling
     if auto is None:
         return model.spec.serving.replicas
-    dep = observed.deployments.get(stable)
-    return max(auto.min_replicas, dep.replicas if dep is not None else auto.min_replicas, 1)
+    current = observed.replicas if observed is not None else auto.min_replicas
+    return max(auto.min_replicas, min(auto.max_replicas, current or auto.min_replicas))
+
+
+def stable_size(model: PretrainedModel, observed: Observed, stable: str) -> int:
+    """The stable revision's current size: the HPA's choice (at least one pod) when autoscaling,
+    else spec.replicas."""
+    if model.spec.serving.autoscaling is None:
+        return model.spec.serving.replicas
+    return max(desired_replicas(model, observed.deployments.get(stable)), 1)
 
 
 def _elapsed(now: datetime, since: datetime | None) -> float:

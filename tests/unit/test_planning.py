@@ -34,12 +34,12 @@ from ptm_operator.planning import (
     Plan,
     PodObservation,
     candidates_summary,
-    desired_replicas,
     plan,
     pod_problems,
     termination_record,
 )
 from ptm_operator.revision import revision_of
+from ptm_operator.rollout import desired_replicas
 from ptm_operator.settings import Settings
 from ptm_runtime.options import Precision, TensorSpec
 from ptm_runtime.report import (
