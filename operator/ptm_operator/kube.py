@@ -25,7 +25,13 @@ from ptm_operator.analysis import LATENCY_BUCKET, REQUESTS, Sample, is_server_er
 from ptm_operator.api import PretrainedModel
 from ptm_operator.builders import jobs, serving
 from ptm_operator.builders.names import FIELD_MANAGER, REVISION_LABEL, selector
-from ptm_operator.planning import DeploymentObservation, JobObservation, Observed, PodObservation
+from ptm_operator.planning import (
+    IN_CONVERSION,
+    DeploymentObservation,
+    JobObservation,
+    Observed,
+    PodObservation,
+)
 from ptm_operator.rollout import needs_samples
 
 log = logging.getLogger(__name__)
@@ -84,29 +90,22 @@ class Kube:
         ns = model.metadata.namespace or "default"
         name = model.metadata.name
         job_items = self._list("batch/v1", "Job", ns, selector(name, jobs.COMPONENT))
-        job_pods: dict[str, list[dict[str, Any]]] = {}
-        if job_items:
-            for pod in self._list("v1", "Pod", ns, selector(name, jobs.COMPONENT)):
-                lab = pod["metadata"].get("labels") or {}
-                job_pods.setdefault(
-                    lab.get("batch.kubernetes.io/job-name") or lab.get("job-name", ""), []
-                ).append(pod)
-        observed_jobs = {}
-        for job in job_items:
-            rev = (job["metadata"].get("labels") or {}).get(REVISION_LABEL)
-            if rev:
-                observed_jobs[rev] = _job_observation(job, job_pods.get(job["metadata"]["name"], []))
+        # A Job's pod matters only while its revision converts: later its report is in status.
+        converting = {r.revision for r in model.status.revisions if r.state in IN_CONVERSION}
+        known = {r.revision for r in model.status.revisions}
+        needs_pods = any(_revision(j) in converting or _revision(j) not in known for j in job_items)
+        observed_jobs = {
+            rev: job
+            for rev, job in self._observe_jobs(ns, name, jobs.COMPONENT, job_items, needs_pods)
+            if rev
+        }
         polls: list[JobObservation] = []
         if model.spec.source.update_policy.type.value == "Poll":
             poll_jobs = self._list("batch/v1", "Job", ns, selector(name, jobs.POLL_COMPONENT))
-            poll_pods: dict[str, list[dict[str, Any]]] = {}
-            if poll_jobs:
-                for pod in self._list("v1", "Pod", ns, selector(name, jobs.POLL_COMPONENT)):
-                    lab = pod["metadata"].get("labels") or {}
-                    poll_pods.setdefault(
-                        lab.get("batch.kubernetes.io/job-name") or lab.get("job-name", ""), []
-                    ).append(pod)
-            polls = [_job_observation(j, poll_pods.get(j["metadata"]["name"], [])) for j in poll_jobs]
+            polls = [
+                job
+                for _, job in self._observe_jobs(ns, name, jobs.POLL_COMPONENT, poll_jobs, bool(poll_jobs))
+            ]
         revisions = [r.revision for r in model.status.revisions]
         self.forget_missing(
             "batch/v1",
@@ -315,6 +314,20 @@ class Kube:
             raise
         return PretrainedModel.from_body(body)
 
+    def _observe_jobs(
+        self, ns: str, model: str, component: str, job_items: list[dict[str, Any]], with_pods: bool
+    ) -> list[tuple[str, JobObservation]]:
+        """(revision, observation) per Job; its pods (for exit codes and termination messages)
+        are listed only when `with_pods`."""
+        by_job: dict[str, list[dict[str, Any]]] = {}
+        if with_pods:
+            for pod in self._list("v1", "Pod", ns, selector(model, component)):
+                lab = pod["metadata"].get("labels") or {}
+                by_job.setdefault(
+                    lab.get("batch.kubernetes.io/job-name") or lab.get("job-name", ""), []
+                ).append(pod)
+        return [(_revision(j), _job_observation(j, by_job.get(j["metadata"]["name"], []))) for j in job_items]
+
     def keda_available(self) -> bool:
         """Whether the KEDA ScaledObject CRD is installed (cached per process)."""
         if self._keda is None:
@@ -384,6 +397,10 @@ class Kube:
                 raise
 
 
+def _revision(obj: dict[str, Any]) -> str:
+    return str((obj["metadata"].get("labels") or {}).get(REVISION_LABEL, ""))
+
+
 def _job_observation(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobObservation:
     st = job.get("status") or {}
     conditions = st.get("conditions") or []
@@ -403,7 +420,7 @@ def _job_observation(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobObse
                     message = term.get("message")
     return JobObservation(
         name=job["metadata"]["name"],
-        revision=job["metadata"]["labels"].get(REVISION_LABEL, ""),
+        revision=_revision(job),
         created=job["metadata"].get("creationTimestamp") or "",
         active=st.get("active") or 0,
         succeeded=complete,
