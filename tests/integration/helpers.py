@@ -242,3 +242,47 @@ def serve_to_ready(cluster: Cluster, namespace: str, name: str = "resnet50") -> 
         f"{name} Ready=True",
     )
     return str(revision)
+
+
+def report_server_restart(
+    cluster: Cluster,
+    namespace: str,
+    revision: str,
+    *,
+    ready: bool,
+    restarts: int,
+    state: dict[str, Any],
+    last_state: dict[str, Any],
+) -> str:
+    """Write, as the kubelet would, a restart history on a running serving pod of `revision`
+    (a crash loop, an OOMKilled restart); returns the pod's name."""
+
+    def running() -> dict[str, Any] | None:
+        pods = get(
+            cluster,
+            namespace,
+            "pods",
+            selector=f"ptm.dev/revision={revision},app.kubernetes.io/component=serving",
+        )
+        items = [p for p in pods["items"] if p["status"].get("phase") == "Running"]
+        return items[0] if items else None
+
+    pod = wait_for(running, 60, f"a running serving pod of revision {revision}")
+    status = {
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "server",
+                    "image": pod["spec"]["containers"][0]["image"],
+                    "imageID": "",
+                    "ready": ready,
+                    "restartCount": restarts,
+                    "state": state,
+                    "lastState": last_state,
+                }
+            ]
+        }
+    }
+    name: str = pod["metadata"]["name"]
+    cluster.patch_status("pod", name, namespace, status)
+    return name

@@ -20,6 +20,7 @@ from tests.integration.helpers import (
     get,
     model_status,
     report_for,
+    report_server_restart,
     serve_to_ready,
 )
 
@@ -114,35 +115,15 @@ def test_crash_looping_canary_is_rolled_back_without_analysis(
     second = start_update(cluster, namespace, body, first)
     wait_for(lambda: at_step(cluster, namespace, 1), 60, "the canary to reach the indefinite pause")
 
-    def canary_pod() -> dict[str, Any] | None:
-        pods = get(
-            cluster,
-            namespace,
-            "pods",
-            selector=f"ptm.dev/revision={second},app.kubernetes.io/component=serving",
-        )
-        running = [p for p in pods["items"] if p["status"].get("phase") == "Running"]
-        return running[0] if running else None
-
-    pod = wait_for(canary_pod, 60, "a running canary pod")
-    crash = {
-        "status": {
-            "containerStatuses": [
-                {
-                    "name": "server",
-                    "image": "ptm/serve:test",
-                    "imageID": "",
-                    "ready": False,
-                    "restartCount": 4,
-                    "state": {
-                        "waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting"}
-                    },
-                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
-                }
-            ]
-        }
-    }
-    cluster.patch_status("pod", pod["metadata"]["name"], namespace, crash)
+    report_server_restart(
+        cluster,
+        namespace,
+        second,
+        ready=False,
+        restarts=4,
+        state={"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting"}},
+        last_state={"terminated": {"exitCode": 1, "reason": "Error"}},
+    )
 
     def rolled_back() -> dict[str, Any] | None:
         c = condition(get(cluster, namespace, "pretrainedmodels", "resnet50"), "Degraded")

@@ -25,6 +25,7 @@ from tests.integration.helpers import (
     job_for,
     model_status,
     report_for,
+    report_server_restart,
     serve_to_ready,
 )
 
@@ -215,36 +216,15 @@ def test_more_gpu_replicas_than_nodes_hold_is_reported(
 
 def oom_kill(cluster: Cluster, namespace: str, revision: str) -> str:
     """Make one serving pod report an OOMKilled restart, as the kubelet would."""
-
-    def running() -> dict[str, Any] | None:
-        pods = get(
-            cluster,
-            namespace,
-            "pods",
-            selector=f"ptm.dev/revision={revision},app.kubernetes.io/component=serving",
-        )
-        items = [p for p in pods["items"] if p["status"].get("phase") == "Running"]
-        return items[0] if items else None
-
-    pod = wait_for(running, 60, "a running serving pod")
-    status = {
-        "status": {
-            "containerStatuses": [
-                {
-                    "name": "server",
-                    "image": "ptm/serve:test",
-                    "imageID": "",
-                    "ready": True,
-                    "restartCount": 1,
-                    "state": {"running": {"startedAt": "2026-12-04T00:00:00Z"}},
-                    "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
-                }
-            ]
-        }
-    }
-    name: str = pod["metadata"]["name"]
-    cluster.patch_status("pod", name, namespace, status)
-    return name
+    return report_server_restart(
+        cluster,
+        namespace,
+        revision,
+        ready=True,
+        restarts=1,
+        state={"running": {"startedAt": "2026-12-04T00:00:00Z"}},
+        last_state={"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+    )
 
 
 def test_oom_killed_pods_get_more_memory_up_to_the_ceiling(
