@@ -104,6 +104,11 @@ class PodObservation:
     """OOMKilled, Error, ..."""
     memory_limit: str | None = None
     """The server container's memory limit (which pod template the pod comes from)."""
+
+    def crash_looping(self, restart_threshold: int) -> bool:
+        """In CrashLoopBackOff after at least `restart_threshold` restarts (spec.remediation)."""
+        return self.waiting_reason == "CrashLoopBackOff" and self.restarts >= restart_threshold
+
     not_ready_since: datetime | None = None
     """When the Ready condition last turned False."""
 

@@ -134,9 +134,7 @@ def remediate(
 
     # 2. A crash-looping stable revision: back to the previous good one.
     policy = spec.rollback_on_crash_loop
-    crashing = [
-        p for p in pods if p.waiting_reason == "CrashLoopBackOff" and p.restarts >= policy.restart_threshold
-    ]
+    crashing = [p for p in pods if p.crash_looping(policy.restart_threshold)]
     previous = next(
         (
             r

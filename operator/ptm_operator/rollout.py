@@ -101,7 +101,7 @@ def _trouble(model: PretrainedModel, observed: Observed, revision: str) -> tuple
     for pod in observed.pods:
         if pod.revision != revision or pod.waiting_reason not in BAD_WAITING:
             continue
-        if pod.waiting_reason == "CrashLoopBackOff" and pod.restarts < policy.restart_threshold:
+        if pod.waiting_reason == "CrashLoopBackOff" and not pod.crash_looping(policy.restart_threshold):
             continue
         detail = f", last terminated: {pod.last_termination_reason}" if pod.last_termination_reason else ""
         return str(
