@@ -21,13 +21,19 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ptm_operator.devcluster.certs import ensure_pki
+from ptm_operator.devcluster.node import NODE_PROCESSES, RealNode
+from ptm_operator.devcluster.oci import qualified
+
+if TYPE_CHECKING:
+    from ptm_operator.devcluster.images import BuiltImage
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = REPO_ROOT / "dev" / "k8s" / "build.sh"
@@ -36,6 +42,9 @@ KWOK_STAGES = REPO_ROOT / "dev" / "kwok" / "stages.yaml"
 
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 BINARIES = (*CONTROL_PLANE, "kubectl", "kwok")
+NODE_BINARIES = ("kubelet", "kube-proxy")
+#: Processes of the real node that come from the machine's packages, not from our build.
+HOST_BINARIES = ("containerd",)
 
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
@@ -80,6 +89,9 @@ class ClusterConfig:
     cpu_nodes: int = int(os.environ.get("PTM_KWOK_CPU_NODES", "1"))
     kwok_stages: tuple[Path, ...] = ()
     """Extra kwok Stage files loaded after dev/kwok/stages.yaml (benchmarks drive pods with them)."""
+    port_offset: int = _PORT_OFFSET
+    real_node: bool = os.environ.get("PTM_REAL_NODE", "") == "1"
+    """Also run a real node (containerd + kubelet + kube-proxy, see devcluster.node)."""
 
     @property
     def service_ip(self) -> str:
@@ -214,21 +226,27 @@ class DevCluster:
     # --- binaries ----------------------------------------------------------------------------
 
     def binary(self, name: str) -> Path:
+        if name in HOST_BINARIES:
+            return Path(shutil.which(name) or f"/usr/bin/{name}")
         return self.bin_dir / name
 
     def ensure_binaries(self) -> None:
         """Build whatever is missing (a no-op when all are cached)."""
-        if all(self.binary(b).exists() for b in BINARIES):
+        wanted = (*BINARIES, *NODE_BINARIES) if self.config.real_node else BINARIES
+        if all(self.binary(b).exists() for b in wanted):
             return
         if not BUILD_SCRIPT.exists():
             raise ClusterError(f"binaries missing in {self.bin_dir} and no build script at {BUILD_SCRIPT}")
-        proc = subprocess.run(["bash", str(BUILD_SCRIPT), *BINARIES], check=False)
+        proc = subprocess.run(["bash", str(BUILD_SCRIPT), *wanted], check=False)
         if proc.returncode != 0:
             raise ClusterError(
                 f"building the cluster binaries failed (exit {proc.returncode}); see output above"
             )
 
     # --- process bookkeeping -----------------------------------------------------------------
+
+    def pid_recorded(self, name: str) -> bool:
+        return self._pid(name) is not None
 
     def _pid(self, name: str) -> int | None:
         try:
@@ -240,7 +258,7 @@ class DevCluster:
         pid = self._pid(name)
         return pid is not None and _pid_alive(pid, self.binary(name))
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def start_process(self, name: str, args: list[str]) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pids.mkdir(parents=True, exist_ok=True)
         log = (self.logs / f"{name}.log").open("ab")
@@ -256,7 +274,7 @@ class DevCluster:
         self._children[name] = proc
         (self.pids / f"{name}.pid").write_text(str(proc.pid))
 
-    def _stop(self, name: str, timeout: float = 15.0) -> None:
+    def stop_process(self, name: str, timeout: float = 15.0) -> None:
         pid = self._pid(name)
         if pid is not None and _pid_alive(pid, self.binary(name)):
             os.kill(pid, signal.SIGTERM)
@@ -289,7 +307,7 @@ class DevCluster:
     def is_up(self) -> bool:
         return all(self.running(c) for c in (*CONTROL_PLANE, "kwok")) and self.ready()
 
-    def _wait(self, what: str, check: Any, timeout: float, log: str) -> None:
+    def wait_until(self, what: str, check: Any, timeout: float, log: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if check():
@@ -315,6 +333,8 @@ class DevCluster:
     def up(self, timeout: float = 120.0) -> None:
         """Start every component not already running and wait until the cluster is usable."""
         if self.is_up():
+            if self.config.real_node and not RealNode(self).is_up():
+                self.up_real_node()
             return
         self.ensure_binaries()
         if any(self._pid(c) is not None for c in BINARIES):
@@ -327,7 +347,7 @@ class DevCluster:
         shutil.rmtree(etcd_data, ignore_errors=True)
         etcd_url = f"http://127.0.0.1:{c.etcd_port}"
         peer_url = f"http://127.0.0.1:{c.etcd_peer_port}"
-        self._start(
+        self.start_process(
             "etcd",
             [
                 "--name=ptm-dev",
@@ -341,9 +361,9 @@ class DevCluster:
                 "--log-level=warn",
             ],
         )
-        self._wait("etcd", lambda: self._http_ok(f"{etcd_url}/health"), 30, "etcd")
+        self.wait_until("etcd", lambda: self.http_ok(f"{etcd_url}/health"), 30, "etcd")
         p = self.pki
-        self._start(
+        self.start_process(
             "kube-apiserver",
             [
                 f"--etcd-servers={etcd_url}",
@@ -361,16 +381,19 @@ class DevCluster:
                 f"--service-account-signing-key-file={p / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 "--authorization-mode=Node,RBAC",
+                # A namespace can send every pod to the real node (devcluster.node.real_node_namespace).
+                "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 "--allow-privileged=true",
                 "--profiling=false",
                 f"--cert-dir={p}",
                 "--v=1",
             ],
         )
-        self._wait("kube-apiserver /readyz", self.ready, timeout, "kube-apiserver")
+        self.wait_until("kube-apiserver /readyz", self.ready, timeout, "kube-apiserver")
         common = ["--bind-address=127.0.0.1", "--leader-elect=false", "--profiling=false", "--v=1"]
         cm_kc = c.directory / "controller-manager.kubeconfig"
-        self._start(
+        self.start_process(
             "kube-controller-manager",
             [
                 *common,
@@ -387,7 +410,7 @@ class DevCluster:
             ],
         )
         sched_kc = c.directory / "scheduler.kubeconfig"
-        self._start(
+        self.start_process(
             "kube-scheduler",
             [
                 *common,
@@ -397,7 +420,7 @@ class DevCluster:
                 f"--secure-port={c.scheduler_port}",
             ],
         )
-        self._start(
+        self.start_process(
             "kwok",
             [
                 f"--kubeconfig={c.directory / 'kwok.kubeconfig'}",
@@ -411,16 +434,34 @@ class DevCluster:
                 "--node-ip=127.0.0.1",
             ],
         )
-        self._wait("the default ServiceAccount", self._default_sa_exists, 60, "kube-controller-manager")
+        self.wait_until("the default ServiceAccount", self._default_sa_exists, 60, "kube-controller-manager")
         nodes = kwok_nodes(c)
         if nodes:
             self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(nodes))
-            self._wait("kwok nodes Ready", lambda: self._nodes_ready(len(nodes)), 60, "kwok")
+            self.wait_until("kwok nodes Ready", lambda: self._nodes_ready(len(nodes)), 60, "kwok")
+        if c.real_node:
+            self.up_real_node()
+
+    def up_real_node(self, images: Sequence[str] = ()) -> list[BuiltImage]:
+        """Start the real node beside a running control plane (a no-op for what already runs).
+
+        The pause image and `images` (targets of devcluster.images: convert, serve) are built
+        (cached by content) and imported into the node's containerd; returns the built images.
+        """
+        from ptm_operator.devcluster.images import build
+
+        self.config.real_node = True
+        self.ensure_binaries()
+        built = build(["pause", *images])
+        RealNode(self).up(sandbox_image=qualified(built["pause"].name), images=list(built.values()))
+        return [built[target] for target in images]
 
     def down(self) -> None:
         """Stop exactly the processes `up` started, newest first."""
+        if any(self.pid_recorded(p) for p in NODE_PROCESSES):
+            RealNode(self).down()
         for name in reversed(BINARIES):
-            self._stop(name)
+            self.stop_process(name)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -434,7 +475,8 @@ class DevCluster:
                     "running": self.running(name),
                     "log": str(self.logs / f"{name}.log"),
                 }
-                for name in (*CONTROL_PLANE, "kwok")
+                for name in (*CONTROL_PLANE, "kwok", *NODE_PROCESSES)
+                if name not in NODE_PROCESSES or self.pid_recorded(name)
             },
         }
 
@@ -459,21 +501,19 @@ class DevCluster:
     def env(self) -> dict[str, str]:
         return {"KUBECONFIG": str(self.kubeconfig), "PATH": f"{self.bin_dir}:{os.environ.get('PATH', '')}"}
 
-    def _write_kubeconfigs(self) -> None:
+    def write_kubeconfig(self, path: Path, identity: str) -> None:
+        """A kubeconfig for one of the client identities in devcluster.certs."""
         p = self.pki
-        for name, ident in (
-            ("admin", "admin"),
-            ("controller-manager", "controller-manager"),
-            ("scheduler", "scheduler"),
-            ("kwok", "kwok"),
-        ):
-            kc = _kubeconfig(self.server, p / "ca.crt", p / f"{ident}.crt", p / f"{ident}.key", ident)
-            path = self.config.directory / f"{name}.kubeconfig"
-            path.write_text(yaml.safe_dump(kc))
-            path.chmod(0o600)
+        kc = _kubeconfig(self.server, p / "ca.crt", p / f"{identity}.crt", p / f"{identity}.key", identity)
+        path.write_text(yaml.safe_dump(kc))
+        path.chmod(0o600)
+
+    def _write_kubeconfigs(self) -> None:
+        for name in ("admin", "controller-manager", "scheduler", "kwok"):
+            self.write_kubeconfig(self.config.directory / f"{name}.kubeconfig", name)
 
     @staticmethod
-    def _http_ok(url: str) -> bool:
+    def http_ok(url: str) -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 return bool(resp.status == 200)

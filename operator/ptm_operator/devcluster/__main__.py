@@ -1,4 +1,4 @@
-"""`python -m ptm_operator.devcluster up|down|status|env|build` (also `ptm devcluster ...`)."""
+"""`python -m ptm_operator.devcluster up [--real-node]|images|down|status|env|build` (also `ptm devcluster ...`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="build (once) and start the cluster; a no-op when it is up")
     up.add_argument("--timeout", type=float, default=120.0)
+    up.add_argument(
+        "--real-node",
+        action="store_true",
+        help="also run a real node (containerd + kubelet + kube-proxy) beside the kwok nodes",
+    )
+    images = sub.add_parser(
+        "images",
+        help="build the convert and serve images (cached by content) and load them into the real node",
+    )
+    images.add_argument("--target", action="append", choices=("convert", "serve"), help="default: both")
     sub.add_parser("down", help="stop the processes `up` started")
     sub.add_parser("status", help="components, PIDs, readiness (exit 1 when not ready)")
     sub.add_parser("env", help="print shell exports (KUBECONFIG, PATH with the pinned kubectl)")
@@ -25,9 +35,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "up":
             started = time.monotonic()
+            cluster.config.real_node = cluster.config.real_node or args.real_node
             cluster.up(timeout=args.timeout)
             print(f"cluster up in {time.monotonic() - started:.1f}s: {cluster.server}")
             print(f"export KUBECONFIG={cluster.kubeconfig}")
+        elif args.cmd == "images":
+            if not cluster.is_up():
+                cluster.up()
+            for image in cluster.up_real_node(images=tuple(args.target or ("convert", "serve"))):
+                print(f"{image.target}: {image.name}")
         elif args.cmd == "down":
             cluster.down()
             print("cluster down")

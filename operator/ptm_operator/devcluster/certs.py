@@ -27,6 +27,9 @@ class Identity:
     organization: str | None = None
 
 
+#: The real node's name (the kubelet's client certificate is bound to it).
+NODE_NAME = "ptm-node"
+
 #: Client identities the control plane components use (names from Kubernetes' bootstrap RBAC).
 CLIENTS = (
     Identity("admin", "ptm-admin", "system:masters"),
@@ -34,6 +37,9 @@ CLIENTS = (
     Identity("scheduler", "system:kube-scheduler"),
     Identity("kwok", "ptm-kwok", "system:masters"),
     Identity("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"),
+    # The real node (devcluster --real-node): the Node authorizer knows kubelets by this name.
+    Identity("kubelet", f"system:node:{NODE_NAME}", "system:nodes"),
+    Identity("kube-proxy", "system:kube-proxy"),
 )
 
 
@@ -98,6 +104,7 @@ def ensure_pki(directory: Path, service_ip: str) -> None:
     """Create the CA and every cert under `directory` unless they already exist."""
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / "done").exists():
+        _issue_missing_clients(directory)
         return
     ca_key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
@@ -141,10 +148,7 @@ def ensure_pki(directory: Path, service_ip: str) -> None:
     cert, key = _issue(ca_cert, ca_key, _name("kube-apiserver"), server_names=serving_names, client=False)
     _write_cert(directory / "apiserver.crt", cert)
     _write_key(directory / "apiserver.key", key)
-    for ident in CLIENTS:
-        cert, key = _issue(ca_cert, ca_key, _name(ident.common_name, ident.organization))
-        _write_cert(directory / f"{ident.file}.crt", cert)
-        _write_key(directory / f"{ident.file}.key", key)
+    _issue_clients(directory, ca_cert, ca_key)
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     _write_key(directory / "sa.key", sa_key)
@@ -154,3 +158,23 @@ def ensure_pki(directory: Path, service_ip: str) -> None:
         )
     )
     (directory / "done").write_text("ok\n")
+
+
+def _issue_clients(directory: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
+    for ident in CLIENTS:
+        if (directory / f"{ident.file}.crt").exists():
+            continue
+        cert, key = _issue(ca_cert, ca_key, _name(ident.common_name, ident.organization))
+        _write_key(directory / f"{ident.file}.key", key)
+        _write_cert(directory / f"{ident.file}.crt", cert)  # last: a cert on disk has its key
+
+
+def _issue_missing_clients(directory: Path) -> None:
+    """A PKI made before an identity was added gets it, signed by the same CA."""
+    if all((directory / f"{ident.file}.crt").exists() for ident in CLIENTS):
+        return
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{directory / 'ca.key'} is not the EC key ensure_pki writes")
+    _issue_clients(directory, ca_cert, ca_key)
