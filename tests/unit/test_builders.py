@@ -916,3 +916,35 @@ def test_service_name_is_a_dns_1035_label() -> None:
     for name in ("resnet50", "3d-unet", "1bit-llm"):
         svc = serving.service_name(model(name))
         assert DNS1035_LABEL.match(svc), f"model {name!r} -> Service name {svc!r} is not a DNS-1035 label"
+
+
+def test_pvc_sources_are_mounted_read_only_where_the_converter_looks() -> None:
+    body = {
+        "apiVersion": "ptm.dev/v1alpha1",
+        "kind": "PretrainedModel",
+        "metadata": {"name": "m", "namespace": "ns"},
+        "spec": {
+            "source": {"uri": "pvc://models/minilm", "format": "huggingface", "task": "feature-extraction"},
+            "optimization": {
+                "precision": ["int8-static"],
+                "quantization": {"mode": "static", "calibration": {"uri": "pvc://calib/set.npz"}},
+            },
+        },
+    }
+    model = PretrainedModel.model_validate(body)
+    settings = Settings(store_uri="pvc://ptm-artifacts")
+    job = jobs.conversion_job(model, "abc", settings, store_from_settings(settings))
+    pod = job["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    for claim in ("models", "calib"):
+        mount = mounts[f"/mnt/pvc/{claim}"]
+        assert mount["readOnly"] is True
+        assert claims[mount["name"]] == {"claimName": claim, "readOnly": True}
+    assert claims["ptm-store"] == {"claimName": "ptm-artifacts"}  # the store stays writable
+
+
+def test_serving_pods_keep_answering_while_endpoints_forget_them() -> None:
+    dep = deployment(cpu_model())
+    sleep = container(dep)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 0 < sleep < dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

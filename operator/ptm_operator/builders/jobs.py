@@ -17,12 +17,36 @@ from ptm_operator.builders.names import dns_name, labels
 from ptm_operator.builders.store import Store
 from ptm_operator.revision import artifact_inputs
 from ptm_operator.settings import Settings
+from ptm_runtime.convert.locations import PVC_MOUNT_ROOT
 from ptm_runtime.report import EXIT_INVALID, EXIT_VALIDATION_FAILED
 
 CONTAINER = "convert"
 COMPONENT = "converter"
 POLL_COMPONENT = "source-poll"
 TERMINATION_LOG = "/dev/termination-log"
+
+
+def source_claims(inputs: Any) -> list[str]:
+    """Claims named by pvc://CLAIM/PATH anywhere in the converter's inputs (source, calibration
+    data, samples), each mounted read-only where ptm convert looks for it (PTM_PVC_ROOT)."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and value.startswith("pvc://"):
+            found.add(value[len("pvc://") :].split("/", 1)[0])
+
+    walk(inputs)
+    return sorted(c for c in found if c)
+
+
+def _claim_volume(claim: str) -> str:
+    return dns_name("pvc", claim, max_len=63)
 
 
 def job_name(model: PretrainedModel, revision: str) -> str:
@@ -67,6 +91,7 @@ def _converter_job(
     namespace = model.metadata.namespace or "default"
     lab = labels(model.metadata.name, COMPONENT, revision or None)
     gpus = spec.conversion.resources.gpus()
+    inputs = artifact_inputs(spec)
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
@@ -87,7 +112,7 @@ def _converter_job(
         "args": [
             "convert",
             "--spec-json",
-            json.dumps({"spec": artifact_inputs(spec)}, sort_keys=True, separators=(",", ":")),
+            json.dumps({"spec": inputs}, sort_keys=True, separators=(",", ":")),
             "--store",
             store.root(),
             "--namespace",
@@ -108,6 +133,15 @@ def _converter_job(
     }
     if env_from:
         container["envFrom"] = env_from
+    claims = source_claims(inputs)
+    container["volumeMounts"] += [
+        {"name": _claim_volume(claim), "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True}
+        for claim in claims
+    ]
+    volumes = [store.volume, {"name": "tmp", "emptyDir": {}}] + [
+        {"name": _claim_volume(claim), "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        for claim in claims
+    ]
     deadline = min(int(duration_seconds(spec.conversion.timeout)), settings.job_active_deadline_seconds)
     job_spec: dict[str, Any] = {
         "backoffLimit": min(spec.conversion.backoff_limit, settings.job_backoff_limit),
@@ -131,7 +165,7 @@ def _converter_job(
                 "restartPolicy": "Never",
                 "securityContext": pod_security_context(),
                 "containers": [container],
-                "volumes": [store.volume, {"name": "tmp", "emptyDir": {}}],
+                "volumes": volumes,
                 "tolerations": tolerations([], gpus),
                 "automountServiceAccountToken": False,
                 "enableServiceLinks": False,

@@ -22,6 +22,8 @@ from ptm_operator.settings import Settings
 COMPONENT = "serving"
 CONTAINER = "server"
 METRICS_PORT = 9090
+PRE_STOP_SLEEP_SECONDS = 5
+"""Seconds a stopping serving pod keeps answering before SIGTERM (endpoint propagation)."""
 #: Runtime metric names the autoscaler reads (ptm_runtime.serve.metrics).
 POD_METRICS = {
     AutoscalingMetric.INFLIGHT_REQUESTS: "ptm_requests_in_flight",
@@ -140,6 +142,10 @@ def serving_deployment(
         },
         "volumeMounts": [store.mount(read_only=True), {"name": "tmp", "mountPath": "/tmp"}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        # Endpoints and kube-proxy learn of a terminating pod a moment after it is told to stop:
+        # keep serving through that moment (kubelet's own sleep; no binary needed in the image),
+        # then SIGTERM starts the server's drain.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_SECONDS}}},
     }
     pod_spec: dict[str, Any] = {
         "securityContext": pod_security_context(),

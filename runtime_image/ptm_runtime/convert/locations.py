@@ -34,8 +34,9 @@ from ptm_runtime.report import sha256_file
 
 log = logging.getLogger(__name__)
 
-#: Where pvc://CLAIM/PATH is mounted: <root>/<CLAIM>/PATH.
-DEFAULT_PVC_ROOT = Path(os.environ.get("PTM_PVC_ROOT", "/mnt/pvc"))
+#: Where conversion pods mount the claim of pvc://CLAIM/PATH: <root>/<CLAIM>/PATH.
+PVC_MOUNT_ROOT = "/mnt/pvc"
+DEFAULT_PVC_ROOT = Path(os.environ.get("PTM_PVC_ROOT", PVC_MOUNT_ROOT))
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 HTTP_TIMEOUT_S = 60.0
 #: HTTP statuses after which a retry may succeed.
