@@ -7,7 +7,7 @@ The steps are devcluster.story's, the same `make demo` shows; this test asserts 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,7 @@ def story(cluster: Cluster, crd_installed: str, tmp_path: Path) -> Iterator[Stor
     s.prepare()
     s.start_operator(free_port())
     yield s
-    s.stop_operator()
-    s.cleanup()
+    s.cleanup()  # deletes the model while the operator runs (its finalizer), then stops it
 
 
 @pytest.mark.timeout(2400)
@@ -39,8 +38,8 @@ def test_convert_serve_canary_and_rollback_on_the_real_node(story: Story) -> Non
     first = story.wait_serving(None, timeout=900)
     record = story.record(first)
     assert record["precision"] == "int8-dynamic", record
-    assert record["metrics"]["minCosineSimilarity"] >= 0.98
-    served = wait_for(lambda: _try(story.ask), 120, "an answer through the Service")
+    assert record["metrics"]["cosineSimilarity"] >= 0.98  # the gate measured it in the conversion pod
+    (served,) = wait_for(lambda: _try(story.ask), 120, "an answer through the Service")
     cosine = np.sum(served * pytorch_reference(SENTENCES), axis=1)
     assert cosine.min() >= 0.99, cosine
     assert served[0] @ served[1] > served[0] @ served[2]  # guitar sentences closer than markets
@@ -54,8 +53,12 @@ def test_convert_serve_canary_and_rollback_on_the_real_node(story: Story) -> Non
         second = story.wait_serving(first, timeout=900)
         assert story.record(second)["precision"] == "fp32"
         assert story.record(first)["state"] == "Superseded"
-        served = story.ask()
-        assert np.sum(served * pytorch_reference(SENTENCES), axis=1).min() >= 0.999
+        # The int8 pods leave after the scale-down delay; from then on fp32 answers, exactly.
+        wait_for(lambda: story.revision_gone(first), 120, f"revision {first}'s pods to go")
+        reference = pytorch_reference(SENTENCES)
+        wait_for(lambda: np.sum(story.ask() * reference, axis=1).min() >= 0.999, 60, "fp32 answers only")
+        for _ in range(5):
+            assert np.sum(story.ask() * reference, axis=1).min() >= 0.999
 
         # A revision the server cannot load: its pods crash-loop and the canary is rolled back.
         broken_body, broken = story.break_next_revision(body, second)
@@ -75,9 +78,9 @@ def test_convert_serve_canary_and_rollback_on_the_real_node(story: Story) -> Non
     assert client.failed == 0, client.errors[:10]
 
 
-def _try(ask: object) -> np.ndarray | None:
+def _try(ask: Callable[[], np.ndarray]) -> tuple[np.ndarray] | None:
+    """(answer,) once the Service answers (kube-proxy may lag the endpoints by a moment)."""
     try:
-        result: np.ndarray = ask()  # type: ignore[operator]
-        return result
+        return (ask(),)
     except OSError:
         return None

@@ -187,6 +187,11 @@ class Story:
         self.cluster.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(objects))
 
     def cleanup(self) -> None:
+        """Delete the model while the operator still runs (it holds a finalizer), then the rest."""
+        self.cluster.kubectl(
+            "delete", "ptm", NAME, "-n", self.namespace, "--ignore-not-found", "--timeout=60s", check=False
+        )
+        self.stop_operator()
         self.cluster.kubectl("delete", "namespace", self.namespace, "--wait=false", check=False)
         self.cluster.kubectl(
             "delete", "pv", "-l", f"ptm.dev/local-volume={self.namespace}", "--wait=false", check=False
@@ -283,6 +288,20 @@ class Story:
 
         revision: str = self.wait("a new stable revision, Ready", ready, timeout)
         return revision
+
+    def revision_gone(self, revision: str) -> bool:
+        """No Deployment and no pod of `revision` left (pods go after their Deployment, by GC)."""
+        proc = self.cluster.kubectl(
+            "get",
+            "deployments,pods",
+            "-n",
+            self.namespace,
+            "-l",
+            f"ptm.dev/revision={revision}",
+            "-o",
+            "name",
+        )
+        return proc.stdout.strip() == ""
 
     def record(self, revision: str) -> dict[str, Any]:
         return next((r for r in self.status().get("revisions", []) if r["revision"] == revision), {})
