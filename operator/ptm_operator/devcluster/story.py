@@ -297,7 +297,7 @@ class Story:
             "-n",
             self.namespace,
             "-l",
-            f"ptm.dev/revision={revision}",
+            f"ptm.dev/revision={revision},app.kubernetes.io/component=serving",
             "-o",
             "name",
         )
