@@ -84,12 +84,15 @@ def main() -> int:
     cluster.kubectl("wait", "--for=condition=Established", "crd/pretrainedmodels.ptm.dev", "--timeout=60s")
 
     story = Story(cluster, NAMESPACE, built, demo_dir(), say=print)
-    stop_operator()
-    cluster.kubectl("delete", "ptm", NAME, "-n", NAMESPACE, "--ignore-not-found", "--wait=true", check=False)
     story.prepare()
     say(f"running the operator (log: {demo_dir() / 'operator.log'})")
+    stop_operator()  # a previous demo's, which may run older images
     proc = story.start_operator(free_port())
     (demo_dir() / "operator.pid").write_text(str(proc.pid))
+    # A previous demo's model goes first (the running operator releases its finalizer).
+    cluster.kubectl(
+        "delete", "ptm", NAME, "-n", NAMESPACE, "--ignore-not-found", "--timeout=90s", check=False
+    )
 
     body = story.manifest()
     say("applying examples/local-minilm.yaml: a real conversion pod converts MiniLM to int8 and validates it")

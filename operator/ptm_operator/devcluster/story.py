@@ -254,14 +254,23 @@ class Story:
     def condition(self, type_: str) -> dict[str, Any]:
         return next((c for c in self.status().get("conditions", []) if c["type"] == type_), {})
 
+    def progress(self) -> str:
+        """`kubectl get ptm` without its AGE column, and what the Progressing condition says."""
+        rows = self.cluster.kubectl("get", "ptm", NAME, "-n", self.namespace, check=False).stdout.splitlines()
+        if len(rows) < 2:
+            return ""
+        if not self._last_line:
+            self.say(f"   {rows[0].rsplit(None, 1)[0]}")  # the header, once
+        message = self.condition("Progressing").get("message", "")
+        return f"{rows[1].rsplit(None, 1)[0]}   {message}"
+
     def wait(self, what: str, check: Callable[[], Any], timeout: float) -> Any:
         """Poll `check` until truthy; print the resource's row whenever it changes."""
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while time.monotonic() < deadline:
             got = check()
-            line = self.cluster.kubectl(
-                "get", "ptm", NAME, "-n", self.namespace, "--no-headers", check=False
-            ).stdout.strip()
+            line = self.progress()
             if line and line != self._last_line:
                 self.say(f"   {line}")
                 self._last_line = line
@@ -374,5 +383,6 @@ class Story:
         report.write(tmp)
         for path in (tmp, *tmp.iterdir()):
             os.chown(path, POD_UID, POD_UID)
+        shutil.rmtree(dst, ignore_errors=True)  # a previous demo run left the same one
         tmp.rename(dst)
         return broken_body, revision
