@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 EXTRAS := operator,serve,convert,dev
 PYTEST_ARGS ?=
 
-.PHONY: help venv helm node-deps images image-archives cluster-bins cluster-up cluster-down cluster-status crd lint test test-unit demo demo-down down clean
+.PHONY: help venv helm node-deps images image-layers cluster-bins cluster-up cluster-down cluster-status crd lint test test-unit demo demo-down down clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -28,7 +28,7 @@ cluster-bins: ## build etcd, the control plane, kubelet, kube-proxy, kubectl, kw
 node-deps: ## containerd, runc, CNI plugins, iptables, debootstrap from Debian's packages (once)
 	dev/node/install.sh
 
-image-archives: venv node-deps ## build the pause, convert and serve images without Docker (cached by content)
+image-layers: venv node-deps ## build the pause, convert and serve image layers without Docker (cached by content)
 	$(PY) -m ptm_operator.devcluster.images build
 
 images: venv cluster-bins node-deps ## build the images and load them into the real node (starts it)
@@ -56,7 +56,7 @@ lint: venv ## ruff + mypy --strict on both packages, and the committed CRD is cu
 crd: venv ## regenerate crds/ and the chart's copy from the pydantic models
 	$(VENV)/bin/ptm crd
 
-test: venv cluster-bins helm node-deps lint image-archives ## lint, then every test (starts the cluster itself)
+test: venv cluster-bins helm node-deps lint image-layers ## lint, then every test (starts the cluster itself)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-unit: venv ## the fast tests that need no cluster

@@ -1,8 +1,9 @@
 """Build ptm's container images without a Docker engine (none runs on the dev machine).
 
-The `convert` and `serve` targets of runtime_image/Dockerfile, plus a tiny `pause` image, written as
-OCI archives (oci.py) that `ctr images import` loads into a node's containerd. An image is a stack of
-cached layers, each a tar named by a key over what it is built from:
+The `convert` and `serve` targets of runtime_image/Dockerfile, plus a tiny `pause` image. An image is
+a stack of cached layers, each a tar named by a key over what it is built from; importing it into a
+node's containerd writes an OCI archive (oci.py) for `ctr images import` and deletes it afterwards
+(containerd keeps its own copy of every layer: a kept archive would be a third 6 GB copy of torch):
 
 - base: `debootstrap --variant=minbase` Debian bookworm (its python3 is CPython 3.11, like the host's),
   the `ptm` user (10001) and a hand-made venv at /opt/ptm; shared by convert and serve.
@@ -85,7 +86,12 @@ Log = Callable[[str], object]
 class BuiltImage:
     target: str
     name: str  # unqualified, e.g. "ptm-serve:abc123def456"
-    archive: Path
+    layers: tuple[Path, ...]
+    config: oci.ImageConfig
+
+    def write_archive(self, path: Path) -> str:
+        """An OCI archive of this image at `path`; returns the manifest digest."""
+        return oci.write_archive(path, self.name, list(self.layers), self.config)
 
 
 @dataclass(frozen=True)
@@ -410,13 +416,15 @@ def ensure_layer(directory: Path, layer: Layer, log: Log) -> Path:
     return path
 
 
-def prune(directory: Path, images: Sequence[BuiltImage], layers: Sequence[Layer], log: Log) -> None:
-    """Remove the archives and layers an older tree built for these targets: every source edit
-    would otherwise leave a 6 GB convert archive behind."""
-    keep = {image.archive for image in images} | {layer_path(directory, layer) for layer in layers}
-    kinds = {image.target for image in images} | {layer.name for layer in layers}
+def prune(directory: Path, layers: Sequence[Layer], log: Log) -> None:
+    """Remove the layers an older tree built for these kinds of layer (and archives older builds
+    kept): a changed dependency list would otherwise leave a 6 GB layer behind."""
+    keep = {layer_path(directory, layer) for layer in layers}
+    kinds = {layer.name for layer in layers}
     for path in [*directory.glob("*.oci.tar"), *directory.glob("layers/*.tar")]:
-        if path not in keep and path.name.rsplit("-", 1)[0] in kinds:
+        if path.suffixes[-2:] == [".oci", ".tar"] or (
+            path not in keep and path.name.rsplit("-", 1)[0] in kinds
+        ):
             log(f"removing the stale {path.name}")
             path.unlink()
 
@@ -431,14 +439,9 @@ def build(targets: Sequence[str] = TARGETS, log: Log | None = None) -> dict[str,
         for target, layers in plans.items():
             config = CONFIGS[target]
             key12 = image_key(target, [layer.key for layer in layers], config)[:12]
-            image = BuiltImage(target, f"ptm-{target}:{key12}", directory / f"{target}-{key12}.oci.tar")
-            if not image.archive.exists():
-                paths = [ensure_layer(directory, layer, say) for layer in layers]
-                started = time.monotonic()
-                oci.write_archive(image.archive, image.name, paths, config)
-                say(f"wrote {image.archive.name} in {time.monotonic() - started:.0f}s")
-            built[target] = image
-        prune(directory, list(built.values()), [layer for layers in plans.values() for layer in layers], say)
+            paths = tuple(ensure_layer(directory, layer, say) for layer in layers)
+            built[target] = BuiltImage(target, f"ptm-{target}:{key12}", paths, config)
+        prune(directory, [layer for layers in plans.values() for layer in layers], say)
     return built
 
 
@@ -448,8 +451,13 @@ def import_into_containerd(image: BuiltImage, address: str, ctr: str = "ctr") ->
     listed = run(f"list the images in containerd at {address}", [*base, "ls", "-q"]).split()
     if oci.qualified(image.name) in listed:
         return
-    with locked(image.archive.parent, exclusive=False):
-        run(f"import {image.name} into containerd at {address}", [*base, "import", image.archive])
+    directory = images_dir()
+    imports = directory / "imports"
+    imports.mkdir(parents=True, exist_ok=True)
+    with locked(directory, exclusive=False), tempfile.TemporaryDirectory(dir=imports) as scratch:
+        archive = Path(scratch) / f"{image.target}.oci.tar"
+        image.write_archive(archive)
+        run(f"import {image.name} into containerd at {address}", [*base, "import", archive])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -459,14 +467,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     build_cmd = sub.add_parser("build", help="build the images into the cache (a no-op when cached)")
     build_cmd.add_argument("--target", action="append", choices=TARGETS, dest="targets")
+    build_cmd.add_argument(
+        "--archive-dir",
+        type=Path,
+        help="also write each image as an OCI archive there (for `ctr images import` or `podman load`)",
+    )
     args = parser.parse_args(argv)
     try:
         images = build(args.targets or TARGETS, log=lambda msg: print(msg, file=sys.stderr))
+        for image in images.values():
+            where = ""
+            if args.archive_dir is not None:
+                args.archive_dir.mkdir(parents=True, exist_ok=True)
+                archive = args.archive_dir / f"{image.target}.oci.tar"
+                image.write_archive(archive)
+                where = f"\t{archive}"
+            print(f"{image.name}{where}")
     except ClusterError as exc:
         print(f"images: {exc}", file=sys.stderr)
         return 1
-    for image in images.values():
-        print(f"{image.name}\t{image.archive}")
     return 0
 
 
