@@ -54,6 +54,9 @@ class Cluster:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
 
+    def wait_crd_established(self, name: str) -> None:
+        self._dev.wait_crd_established(name)
+
     def patch_status(self, kind: str, name: str, namespace: str, body: dict[str, Any]) -> None:
         """Merge-patch an object's status subresource (what a kubelet or controller writes)."""
         self.kubectl(
@@ -96,7 +99,7 @@ def crd_installed(cluster: Cluster) -> str:
     """The generated CRD from crds/, applied server-side and Established."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
     name = "pretrainedmodels.ptm.dev"
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    cluster.wait_crd_established(name)
     return name
 
 

@@ -81,7 +81,7 @@ def main() -> int:
     print(f"   images: {built['convert']}, {built['serve']}")
     say("installing the PretrainedModel CRD")
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/pretrainedmodels.ptm.dev", "--timeout=60s")
+    cluster.wait_crd_established("pretrainedmodels.ptm.dev")
 
     story = Story(cluster, NAMESPACE, built, demo_dir(), say=print)
     story.prepare()

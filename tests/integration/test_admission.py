@@ -72,7 +72,7 @@ def crd(cluster: Cluster) -> str:
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "--field-manager=ptm-tests", "-f", str(REPO / CRD_FILE)
     )
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    cluster.wait_crd_established(CRD_NAME)
     return CRD_NAME
 
 

@@ -276,9 +276,7 @@ def httproute_crd(cluster: Cluster) -> None:
         / "gateway.networking.k8s.io_httproutes.yaml"
     )
     cluster.kubectl("apply", "--server-side", "-f", str(crd))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/httproutes.gateway.networking.k8s.io", "--timeout=60s"
-    )
+    cluster.wait_crd_established("httproutes.gateway.networking.k8s.io")
 
 
 def backends(cluster: Cluster, namespace: str) -> list[tuple[str, int]]:

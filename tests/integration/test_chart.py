@@ -484,7 +484,7 @@ def peering_crds(cluster: Cluster) -> None:
     """kopf's peering CRDs from the chart's crds/ (what `helm install` creates; kept by design)."""
     cluster.kubectl("apply", "--server-side", "-f", str(CHART / "crds" / "kopf.dev_peerings.yaml"))
     for name in ("kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+        cluster.wait_crd_established(name)
 
 
 def test_rendered_objects_pass_server_side_dry_run(

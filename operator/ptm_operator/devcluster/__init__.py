@@ -185,6 +185,18 @@ def exited_pod_status(pod: dict[str, Any], container: str, exit_code: int, messa
     }
 
 
+def run_tool(
+    label: str, command: list[str], args: Sequence[str], input: str | None, check: bool, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run `command args`, capturing text; with `check`, a non-zero exit raises ClusterError naming it."""
+    proc = subprocess.run(
+        [*command, *args], input=input, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise ClusterError(f"{label} {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
 def _kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -486,17 +498,27 @@ class DevCluster:
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
         """Run the pinned kubectl against this cluster."""
-        proc = subprocess.run(
-            [str(self.binary("kubectl")), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
+        return run_tool(
+            "kubectl",
+            [str(self.binary("kubectl")), f"--kubeconfig={self.kubeconfig}"],
+            args,
+            input,
+            check,
+            timeout,
         )
-        if check and proc.returncode != 0:
-            raise ClusterError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return proc
+
+    def wait_crd_established(self, name: str, timeout: float = 60) -> None:
+        """Poll until the CRD `name` is Established (`kubectl wait` fails instead of waiting when
+        it looks before the API server has written any condition)."""
+
+        def established() -> bool:
+            proc = self.kubectl("get", "crd", name, "-o", "json", check=False)
+            if proc.returncode != 0:
+                return False
+            conditions = json.loads(proc.stdout).get("status", {}).get("conditions") or []
+            return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+        self.wait_until(f"CRD {name} Established", established, timeout, "kube-apiserver")
 
     def env(self) -> dict[str, str]:
         return {"KUBECONFIG": str(self.kubeconfig), "PATH": f"{self.bin_dir}:{os.environ.get('PATH', '')}"}

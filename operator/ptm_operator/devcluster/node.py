@@ -207,18 +207,11 @@ class RealNode:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        from ptm_operator.devcluster import ClusterError
+        from ptm_operator.devcluster import run_tool
 
-        proc = subprocess.run(
-            ["ctr", "--address", str(self.socket), "-n", "k8s.io", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
+        return run_tool(
+            "ctr", ["ctr", "--address", str(self.socket), "-n", "k8s.io"], args, None, check, timeout
         )
-        if check and proc.returncode != 0:
-            raise ClusterError(f"ctr {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return proc
 
     def up(self, sandbox_image: str, images: list[Any], timeout: float = 120) -> None:
         """Start containerd (importing `images`), kubelet and kube-proxy; wait until the node is Ready."""
