@@ -57,7 +57,9 @@ def kube() -> Kube:
         config.load_kube_config()
     cfg = client.Configuration.get_default_copy()
     cfg.connection_pool_maxsize = 32
-    return Kube(client.ApiClient(cfg), prometheus_url=settings().prometheus_url)
+    return Kube(
+        client.ApiClient(cfg), prometheus_url=settings().prometheus_url, on_request=metrics().api_request
+    )
 
 
 @functools.cache

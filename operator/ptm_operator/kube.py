@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -73,6 +74,22 @@ def _model_path(model: PretrainedModel) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{model.metadata.name}"
 
 
+def resource_of(path: str) -> str:
+    """`pods`, `pretrainedmodels/status`, ... of an API path (for request metrics)."""
+    parts = [p for p in path.split("/") if p]
+    if "namespaces" in parts:
+        i = parts.index("namespaces")
+        rest = parts[i + 2 :]
+        if not rest:
+            return "namespaces"
+        return "/".join(rest[0:1] + rest[2:3])
+    if parts[:1] == ["apis"] and len(parts) >= 4:
+        return "/".join(parts[3:4] + parts[5:6])
+    if parts[:1] == ["api"] and len(parts) >= 3:
+        return "/".join(parts[2:3] + parts[4:5])
+    return path
+
+
 def _selector(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
@@ -80,9 +97,16 @@ def _selector(labels: dict[str, str]) -> str:
 class Kube:
     """Observe and change one namespace's ptm children through one ApiClient (plain dicts)."""
 
-    def __init__(self, api_client: client.ApiClient, prometheus_url: str | None = None) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        prometheus_url: str | None = None,
+        on_request: Callable[[str, str, float], None] | None = None,
+    ) -> None:
         self.api = api_client
         self.prometheus_url = prometheus_url
+        self.on_request = on_request
+        """Called with (verb, resource, seconds) after every request (the operator's metrics)."""
         self._keda: bool | None = None
         self._goldens: dict[str, Any] = {}
         self._applied: dict[str, tuple[str, float]] = {}
@@ -363,6 +387,7 @@ class Kube:
     def _request(
         self, method: str, path: str, content_type: str, body: Any, query: list[tuple[str, str]]
     ) -> Any:
+        started = time.monotonic()
         serialized = self.api.param_serialize(
             method=method,
             resource_path=path,
@@ -371,11 +396,16 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(*serialized)
-        response.read()
-        return self.api.response_deserialize(
-            response, {"200": "object", "201": "object", "202": "object"}
-        ).data
+        try:
+            response = self.api.call_api(*serialized)
+            response.read()
+            return self.api.response_deserialize(
+                response, {"200": "object", "201": "object", "202": "object"}
+            ).data
+        finally:
+            if self.on_request is not None:
+                verb = "APPLY" if content_type == "application/apply-patch+yaml" else method
+                self.on_request(verb, resource_of(path), time.monotonic() - started)
 
     def apply(self, manifest: dict[str, Any]) -> bool:
         """Server-side apply (force: the operator owns the fields it sets); False when skipped.
