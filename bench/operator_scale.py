@@ -605,6 +605,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> RunResult:
         gpus_per_node=args.gpus_per_node,
         cpu_nodes=args.cpu_nodes,
         kwok_stages=(CONVERTER_STAGE,),
+        controller_manager_args=tuple(args.controller_manager_arg),
     )
     dev = DevCluster(config)
     operator: OperatorProcess | None = None
@@ -929,7 +930,12 @@ def markdown(results: list[RunResult], args: argparse.Namespace, command: str) -
         + "; ".join(f"N={r.n}: {r.load_before} / {r.load_after}" for r in results)
         + ".",
         f"Command: `{command}`. Operator settings: {env}. Cluster: {args.gpu_nodes} kwok GPU nodes x "
-        f"{args.gpus_per_node} `nvidia.com/gpu` and {args.cpu_nodes} CPU nodes, a fresh control plane per N.",
+        f"{args.gpus_per_node} `nvidia.com/gpu` and {args.cpu_nodes} CPU nodes, a fresh control plane per N"
+        + (
+            f", kube-controller-manager {' '.join(args.controller_manager_arg)}."
+            if args.controller_manager_arg
+            else ", every component at its default settings."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -969,6 +975,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="PTM_X=VALUE",
         help="extra operator settings (repeatable), e.g. PTM_REQUEUE_SECONDS=2",
+    )
+    parser.add_argument(
+        "--controller-manager-arg",
+        action="append",
+        default=[],
+        metavar="--FLAG=VALUE",
+        help="extra kube-controller-manager flag (repeatable; the = form), e.g. --controller-manager-arg=--kube-api-qps=200",
     )
     parser.add_argument(
         "--steady",

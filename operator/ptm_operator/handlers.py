@@ -358,12 +358,22 @@ async def child_event(body: kopf.Body, type: str | None, resource: kopf.Resource
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def model_event(body: kopf.Body, type: str | None, **_: Any) -> None:
-    """Keep the newest body of every model (reconciles plan from it instead of a GET)."""
+    """Keep the newest body of every model (reconciles plan from it instead of a GET).
+
+    A model just created is queued at once: kopf's own create handler runs only after kopf
+    has added its finalizer (the health timer needs one) and seen that write come back, a
+    round trip of a second or more on a busy API server. The create handler then finds the
+    work done (server-side apply of unchanged manifests is skipped, an unchanged status is
+    not written).
+    """
     child_queue().open()
     if type == "DELETED":
         model_cache().forget(dict(body))
-    else:
-        model_cache().offer(dict(body))
+        return
+    model_cache().offer(dict(body))
+    if type == "ADDED":
+        meta = body.get("metadata", {})
+        child_queue().add(meta.get("namespace") or "default", meta["name"])
 
 
 @kopf.timer(

@@ -190,6 +190,39 @@ def test_operator_killed_at_each_stage_converges_without_duplicates(
     )
 
 
+def test_children_deleted_behind_the_operators_back_come_back(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    """The watch-fed cache forgets deleted children: the next reconcile sees them missing and
+    applies them again (an unchanged manifest is otherwise not re-applied for minutes)."""
+    apply_model(cluster, namespace, example(namespace))
+    job = job_for(cluster, namespace)
+    revision = job["metadata"]["labels"]["ptm.dev/revision"]
+    finish_job_pod(cluster, namespace, job, 0, report_for(revision).compact())
+    name = f"resnet50-{revision}"
+    first = wait_for(lambda: get(cluster, namespace, "deployment", name), 60, "the serving Deployment")
+    cluster.kubectl("delete", "deployment", name, "-n", namespace, "--wait=false")
+    again = wait_for(
+        lambda: (
+            (d := get(cluster, namespace, "deployment", name))
+            and d["metadata"]["uid"] != first["metadata"]["uid"]
+            and d
+        ),
+        30,
+        "the Deployment applied again",
+    )
+    assert again["metadata"]["labels"]["ptm.dev/revision"] == revision
+    wait_for(
+        lambda: (
+            (c := condition(get(cluster, namespace, "pretrainedmodels", "resnet50"), "Ready"))
+            and c["status"] == "True"
+        ),
+        90,
+        "Ready=True with the new Deployment",
+    )
+    assert len(get(cluster, namespace, "jobs")["items"]) == 1  # the finished Job was not re-run
+
+
 def test_more_gpu_replicas_than_nodes_hold_is_reported(
     cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
