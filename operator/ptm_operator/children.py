@@ -441,6 +441,19 @@ def compact_model(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def same_for_planning(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two bodies of a model plan alike: equal spec, status, generation, labels,
+    annotations (kopf's left out) and deletion mark; resourceVersion, finalizers and
+    managedFields may differ."""
+    ca, cb = compact_model(a), compact_model(b)
+    if (ca["spec"], ca["status"]) != (cb["spec"], cb["status"]):
+        return False
+    ma, mb = ca["metadata"], cb["metadata"]
+    return all(
+        ma.get(k) == mb.get(k) for k in ("uid", "generation", "labels", "annotations", "deletionTimestamp")
+    )
+
+
 class ModelCache:
     """The newest body seen of each PretrainedModel: from watch events and the operator's own writes.
 

@@ -23,6 +23,7 @@ from ptm_operator.children import (
     pod_record,
     record_of,
     reports_missing,
+    same_for_planning,
     view,
     wakes_owner,
 )
@@ -366,3 +367,21 @@ def test_model_cache_maps_child_labels_to_names() -> None:
     cache.offer(body)
     assert cache.name_for(NS, "resnet-v2") == "resnet.v2"
     assert cache.name_for(NS, "unknown") == "unknown"
+
+
+def test_same_for_planning_ignores_what_kopf_writes() -> None:
+    body = model({REV: RevisionState.CONVERTING}, rv="10")
+    kopf_wrote = copy.deepcopy(body)
+    kopf_wrote["metadata"]["resourceVersion"] = "11"
+    kopf_wrote["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]
+    kopf_wrote["metadata"]["annotations"]["ptm.dev/last-handled-configuration"] = '{"spec": {"x": 1}}'
+    assert same_for_planning(body, kopf_wrote)
+    promoted = copy.deepcopy(kopf_wrote)
+    promoted["metadata"]["annotations"]["ptm.dev/abort"] = "true"
+    assert not same_for_planning(body, promoted)
+    other_status = model({REV: RevisionState.FAILED}, rv="11")
+    assert not same_for_planning(body, other_status)
+    edited = copy.deepcopy(body)
+    edited["metadata"]["generation"] = 2
+    edited["spec"]["source"]["uri"] = "s3://models/resnet50-v2.pt"
+    assert not same_for_planning(body, edited)
