@@ -4,7 +4,7 @@ For each size N (default 100, 500, 1000) the benchmark starts a fresh, private c
 (`ptm_operator.devcluster` on free loopback ports in a temporary directory: etcd,
 kube-apiserver, kube-controller-manager, kube-scheduler, kwok with 50 GPU nodes), runs
 `ptm operator --standalone -n <namespace>` as a subprocess under a ServiceAccount of its own,
-creates N copies of examples/vision-resnet.yaml (one GPU per replica, one replica, no HPA) and
+creates N copies of examples/vision-resnet.yaml (one GPU and one CPU per replica, one replica, no HPA) and
 polls until every one has condition Ready=True. Conversion reports are injected by a kwok
 Stage (bench/kwok-converter-stage.yaml): a running converter pod exits 0 with a valid compact
 report in its termination message, as `ptm convert` would.
@@ -348,6 +348,10 @@ def model_manifest() -> dict[str, Any]:
     serving["gpuSelector"]["products"] = ["NVIDIA-H100-80GB-HBM3"]
     serving.pop("autoscaling", None)
     serving["replicas"] = 1
+    # One CPU per replica, not the example's two: a kwok GPU node has 32 CPUs for its 24 GPUs,
+    # so at two CPUs only 800 of 1000 replicas fit (50 nodes x 16) and N=1000 could never be
+    # all Ready (the runs before this change stopped at 782 and 800).
+    serving["resources"]["requests"]["cpu"] = "1"
     return body
 
 

@@ -473,13 +473,17 @@ class ModelCache:
         """(namespace, model label) -> model name (children carry the label, not the name)."""
 
     def offer(self, body: dict[str, Any]) -> bool:
-        """Keep `body` unless an equal or newer version is cached; True when kept."""
+        """Keep `body` unless a newer version is cached; True when it is newer than the cached."""
         key = _key(body)
         new = _rv(body)
         with self._lock:
             cached = self._bodies.get(key)
             old = _rv(cached) if cached is not None else self._gone.get(key)
             if new is not None and old is not None and new <= old:
+                if cached is not None and new == old:
+                    # The same version from the watch: keep the event's copy, which kopf holds
+                    # too (timers keep the latest body), and let the write response's go.
+                    self._bodies[key] = compact_model(body)
                 return False
             self._bodies[key] = compact_model(body)
             self._gone.pop(key, None)

@@ -18,6 +18,7 @@ from tests.integration.helpers import (
     Operator,
     apply_model,
     condition,
+    event_reasons,
     example,
     failure_for,
     finish_job_pod,
@@ -301,5 +302,4 @@ def test_oom_without_permission_is_only_reported(
     dep = get(cluster, namespace, "deployment", f"resnet50-{revision}")
     assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "8Gi"
     assert not model_status(cluster, namespace, "resnet50").get("remediations")
-    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
-    assert any(e["reason"] == "OOMKilled" for e in events)
+    wait_for(lambda: event_reasons(cluster, namespace) & {"OOMKilled"}, 10, "a OOMKilled Event")

@@ -334,10 +334,13 @@ def test_model_cache_keeps_the_newest_body() -> None:
     assert cache.offer(model(rv="10"))
     assert cache.offer(model({REV: RevisionState.CONVERTING}, rv="12"))  # our own status write
     assert not cache.offer(model(rv="11"))  # a watch event from before it
-    assert not cache.offer(model(rv="12"))
     got = cache.get(NS, MODEL)
     assert got is not None and got["metadata"]["resourceVersion"] == "12"
     assert got["status"]["revisions"][0]["state"] == "Converting"
+    event = model({REV: RevisionState.CONVERTING}, rv="12")  # the write's own watch event
+    assert not cache.offer(event)  # not newer ...
+    kept = cache.get(NS, MODEL)
+    assert kept is not None and kept["spec"] is event["spec"]  # ... but its copy is the one kept
 
 
 def test_model_cache_drops_managed_fields_and_kopf_annotations() -> None:
