@@ -106,10 +106,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # (a few events each, thousands of pods) would stall every kind's events behind it.
     settings.queueing.worker_limit = None
     settings.queueing.idle_timeout = 1.0
-    # kopf waits this long for the echo of its own patch (the diff-base after a create) before
-    # it handles an older body; at the default 5 s a loaded API server's slow watch made kopf
-    # run the create handler again and re-write the diff-base (2.3 times per model at N=1000).
-    settings.persistence.consistency_timeout = 30.0
     cfg = globals()["settings"]()
     metrics().serve(cfg.metrics_port, cfg.bind_address)
 
