@@ -17,7 +17,6 @@ import functools
 import logging
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,6 +43,7 @@ from ptm_operator.kube import Kube
 from ptm_operator.metrics import OperatorMetrics
 from ptm_operator.planning import Plan, plan
 from ptm_operator.settings import Settings
+from ptm_operator.workqueue import Keys
 
 log = logging.getLogger(__name__)
 
@@ -326,9 +326,10 @@ _MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
 
 
 class WorkQueue:
-    """Resources to reconcile because a child changed or their health timer ticked: a set (a
-    burst of events for one model is one entry) served by a few threads, so event handlers return at once and memory stays
-    bounded by the number of models, whatever the event rate.
+    """Models to reconcile because a child changed (urgent) or their health timer ticked
+    (routine): each queued once (a burst of events for one model is one entry, see
+    workqueue.Keys) and served by a few threads, so event handlers return at once and memory
+    stays bounded by the number of models, whatever the event rate.
 
     The threads start serving once the queue is opened: kopf calls no resource handler before
     every kind's initial listing is indexed, and the first handler call opens it. Until then
@@ -336,13 +337,12 @@ class WorkQueue:
     """
 
     def __init__(self, workers: int) -> None:
-        self._pending: set[tuple[str, str]] = set()
-        self._order: deque[tuple[str, str]] = deque()
+        self._keys: Keys[tuple[str, str]] = Keys()
         self._ready = threading.Condition()
         self._open = threading.Event()
         self._closed = False
         for i in range(workers):
-            threading.Thread(target=self._run, name=f"ptm-child-{i}", daemon=True).start()
+            threading.Thread(target=self._run, name=f"ptm-work-{i}", daemon=True).start()
 
     def open(self) -> None:
         self._open.set()
@@ -354,31 +354,29 @@ class WorkQueue:
         with self._ready:
             self._ready.notify_all()
 
-    def add(self, namespace: str, name: str) -> None:
+    def add(self, namespace: str, name: str, urgent: bool = True) -> None:
         with self._ready:
-            if (namespace, name) not in self._pending:
-                self._pending.add((namespace, name))
-                self._order.append((namespace, name))
+            if self._keys.add((namespace, name), urgent):
                 self._ready.notify()
 
     def __len__(self) -> int:
         with self._ready:
-            return len(self._order)
+            return len(self._keys)
 
     def _run(self) -> None:
         self._open.wait()
         while not self._closed:
             with self._ready:
-                while not self._order and not self._closed:
+                key = self._keys.pop()
+                while key is None and not self._closed:
                     self._ready.wait()
-                if self._closed:
+                    key = self._keys.pop()
+                if key is None:
                     return
-                key = self._order.popleft()
-                self._pending.discard(key)
             try:
                 reconcile_named(*key, wait=False)
             except Exception:  # the next event or the health timer tries again
-                log.exception("reconcile of %s/%s after a child changed failed", *key)
+                log.exception("reconcile of %s/%s failed", *key)
 
 
 @functools.cache
@@ -468,4 +466,4 @@ async def health(body: kopf.Body, **_: Any) -> None:
     model_cache().offer(dict(body))
     queue = child_queue()
     queue.open()
-    queue.add(meta.get("namespace") or "default", meta["name"])
+    queue.add(meta.get("namespace") or "default", meta["name"], urgent=False)
