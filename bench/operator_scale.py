@@ -4,7 +4,7 @@ For each size N (default 100, 500, 1000) the benchmark starts a fresh, private c
 (`ptm_operator.devcluster` on free loopback ports in a temporary directory: etcd,
 kube-apiserver, kube-controller-manager, kube-scheduler, kwok with 50 GPU nodes), runs
 `ptm operator --standalone -n <namespace>` as a subprocess under a ServiceAccount of its own,
-creates N copies of examples/vision-resnet.yaml (one GPU per replica, one replica, no HPA) and
+creates N copies of examples/vision-resnet.yaml (one GPU and one CPU per replica, one replica, no HPA) and
 polls until every one has condition Ready=True. Conversion reports are injected by a kwok
 Stage (bench/kwok-converter-stage.yaml): a running converter pod exits 0 with a valid compact
 report in its termination message, as `ptm convert` would.
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import datetime as dt
 import http.client
 import json
 import math
@@ -227,6 +228,8 @@ def operator_metrics(port: int) -> dict[str, float]:
         "ptm_operator_objects_applied_total",
         "ptm_operator_reconcile_duration_seconds_sum",
         "ptm_operator_reconcile_duration_seconds_count",
+        "ptm_operator_api_requests_total",
+        "ptm_operator_api_request_seconds_total",
     }
     for name, labels, value in parse_prometheus(text, wanted):
         key = name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
@@ -345,6 +348,10 @@ def model_manifest() -> dict[str, Any]:
     serving["gpuSelector"]["products"] = ["NVIDIA-H100-80GB-HBM3"]
     serving.pop("autoscaling", None)
     serving["replicas"] = 1
+    # One CPU per replica, not the example's two: a kwok GPU node has 32 CPUs for its 24 GPUs,
+    # so at two CPUs only 800 of 1000 replicas fit (50 nodes x 16) and N=1000 could never be
+    # all Ready (the runs before this change stopped at 782 and 800).
+    serving["resources"]["requests"]["cpu"] = "1"
     return body
 
 
@@ -536,6 +543,8 @@ class RunResult:
     component_cpu_s: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     load_before: str = ""
+    load_after: str = ""
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
     final_reasons: dict[str, int] = field(default_factory=dict)
     steady: Steady | None = None
     timeline: list[Sample] = field(default_factory=list)
@@ -600,6 +609,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> RunResult:
         gpus_per_node=args.gpus_per_node,
         cpu_nodes=args.cpu_nodes,
         kwok_stages=(CONVERTER_STAGE,),
+        controller_manager_args=tuple(args.controller_manager_arg),
     )
     dev = DevCluster(config)
     operator: OperatorProcess | None = None
@@ -684,6 +694,8 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> RunResult:
         }
         result.operator_metrics = operator_metrics(operator.metrics_port)
         result.reconciles = result.operator_metrics.get("ptm_operator_reconciles_total", 0.0)
+        result.load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        result.stages = stage_latencies(api)
         if result.all_ready_s is not None and args.steady > 0:
             print(f"[n={n}] all Ready; measuring {args.steady:.0f}s of steady state", flush=True)
             result.steady = steady_state(api, operator, args.steady)
@@ -705,6 +717,110 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> RunResult:
                     shutil.copy(log, dest / log.name)
             shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+# --- where the time went -------------------------------------------------------------------------
+
+
+def _epoch(ts: Any) -> float | None:
+    if not ts:
+        return None
+    return dt.datetime.fromisoformat(str(ts).replace("Z", "+00:00")).timestamp()
+
+
+def _condition_time(obj: dict[str, Any], type_: str) -> float | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return _epoch(c.get("lastTransitionTime"))
+    return None
+
+
+#: The path of one model to Ready, stage by stage, and who does each stage.
+STAGES = (
+    "operator: model created -> Job created",
+    "job controller: Job -> converter pod",
+    "scheduler: converter pod scheduled",
+    "kwok: converter pod finished",
+    "job controller: pod finished -> Job complete",
+    "operator: Job complete -> Deployment created",
+    "deployment controller: Deployment -> ReplicaSet",
+    "replicaset controller: ReplicaSet -> pod",
+    "scheduler: serving pod scheduled",
+    "kwok: serving pod Ready",
+    "controllers + operator: pod Ready -> model Ready",
+    "total: model created -> Ready",
+)
+
+
+def stage_latencies(api: Api) -> dict[str, dict[str, float]]:
+    """Per stage of a model's path to Ready: p50, p90 and max seconds over the models, from the
+    objects' own timestamps (creationTimestamp, condition transitions; 1 s resolution)."""
+
+    def items(path: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = api.json("GET", path).get("items") or []
+        return found
+
+    ns = f"/namespaces/{NAMESPACE}"
+    models = items(MODELS_PATH)
+    jobs = {j["metadata"]["labels"].get("ptm.dev/model"): j for j in items(f"/apis/batch/v1{ns}/jobs")}
+    deployments = {
+        d["metadata"]["labels"].get("ptm.dev/model"): d for d in items(f"/apis/apps/v1{ns}/deployments")
+    }
+    replicasets = {
+        ref["uid"]: r
+        for r in items(f"/apis/apps/v1{ns}/replicasets")
+        for ref in r["metadata"].get("ownerReferences") or []
+    }
+    job_pods: dict[str, dict[str, Any]] = {}
+    serving_pods: dict[str, dict[str, Any]] = {}
+    for pod in items(f"/api/v1{ns}/pods"):
+        labels = pod["metadata"].get("labels") or {}
+        if labels.get("app.kubernetes.io/component") == "serving":
+            serving_pods.setdefault(labels.get("ptm.dev/model", ""), pod)
+        elif labels.get("batch.kubernetes.io/job-name"):
+            job_pods.setdefault(labels["batch.kubernetes.io/job-name"], pod)
+    spans: dict[str, list[float]] = {name: [] for name in STAGES}
+    for m in models:
+        name = m["metadata"]["name"]
+        created = _epoch(m["metadata"].get("creationTimestamp"))
+        job = jobs.get(name) or {}
+        jpod = job_pods.get(job.get("metadata", {}).get("name", "")) or {}
+        dep = deployments.get(name) or {}
+        rs = replicasets.get(dep.get("metadata", {}).get("uid", "")) or {}
+        spod = serving_pods.get(name) or {}
+        finished = None
+        for cs in (jpod.get("status") or {}).get("containerStatuses") or []:
+            finished = _epoch(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt")) or finished
+        points = [
+            created,
+            _epoch(job.get("metadata", {}).get("creationTimestamp")),
+            _epoch(jpod.get("metadata", {}).get("creationTimestamp")),
+            _condition_time(jpod, "PodScheduled"),
+            finished,
+            _epoch((job.get("status") or {}).get("completionTime")),
+            _epoch(dep.get("metadata", {}).get("creationTimestamp")),
+            _epoch(rs.get("metadata", {}).get("creationTimestamp")),
+            _epoch(spod.get("metadata", {}).get("creationTimestamp")),
+            _condition_time(spod, "PodScheduled"),
+            _condition_time(spod, "Ready"),
+            _condition_time(m, "Ready"),
+        ]
+        for stage, start, end in zip(STAGES, points, points[1:], strict=False):
+            if start is not None and end is not None:
+                spans[stage].append(end - start)
+        if created is not None and points[-1] is not None:
+            spans[STAGES[-1]].append(points[-1] - created)
+    out: dict[str, dict[str, float]] = {}
+    for stage, values in spans.items():
+        if values:
+            values.sort()
+            out[stage] = {
+                "n": len(values),
+                "p50": values[len(values) // 2],
+                "p90": values[min(len(values) - 1, int(len(values) * 0.9))],
+                "max": values[-1],
+            }
+    return out
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -798,14 +914,32 @@ def markdown(results: list[RunResult], args: argparse.Namespace, command: str) -
             lines.append(
                 f"| `{key}` | {v['count']:.0f} | {v['count'] / biggest.n:.1f} | {v['mean_ms']:.0f} |"
             )
+    for r in results:
+        if not r.stages:
+            continue
+        lines += [
+            "",
+            f"N={r.n}: where a model's time went, stage by stage (objects' timestamps, 1 s resolution; "
+            "over the models that reached each stage):",
+            "",
+            "| stage | models | p50 (s) | p90 (s) | max (s) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for stage, v in r.stages.items():
+            lines.append(f"| {stage} | {v['n']:.0f} | {v['p50']:.0f} | {v['p90']:.0f} | {v['max']:.0f} |")
     env = " ".join(f"{k}={v}" for k, v in args.operator_env) or "(defaults)"
     lines += [
         "",
-        f"Machine: {machine()}; load average before each run: "
-        + "; ".join(f"N={r.n}: {r.load_before}" for r in results)
+        f"Machine: {machine()}; load average before and after each run: "
+        + "; ".join(f"N={r.n}: {r.load_before} / {r.load_after}" for r in results)
         + ".",
         f"Command: `{command}`. Operator settings: {env}. Cluster: {args.gpu_nodes} kwok GPU nodes x "
-        f"{args.gpus_per_node} `nvidia.com/gpu` and {args.cpu_nodes} CPU nodes, a fresh control plane per N.",
+        f"{args.gpus_per_node} `nvidia.com/gpu` and {args.cpu_nodes} CPU nodes, a fresh control plane per N"
+        + (
+            f", kube-controller-manager {' '.join(args.controller_manager_arg)}."
+            if args.controller_manager_arg
+            else ", every component at its default settings."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -845,6 +979,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="PTM_X=VALUE",
         help="extra operator settings (repeatable), e.g. PTM_REQUEUE_SECONDS=2",
+    )
+    parser.add_argument(
+        "--controller-manager-arg",
+        action="append",
+        default=[],
+        metavar="--FLAG=VALUE",
+        help="extra kube-controller-manager flag (repeatable; the = form), e.g. --controller-manager-arg=--kube-api-qps=200",
     )
     parser.add_argument(
         "--steady",

@@ -1,8 +1,9 @@
 """The only module that talks to the Kubernetes API: observe children, server-side apply, delete.
 
-Reads are label-selected lists in the resource's namespace (three per reconcile). Writes are
-server-side apply with field manager `ptm-operator`, so re-applying an unchanged manifest is a
-no-op and a restarted operator never duplicates what it created before.
+The operator observes children from its watch-fed index (children.py, handlers.py) and reads
+here only what the index cannot give; without an index (`ptm plan`) it lists children by label.
+Writes are server-side apply with field manager `ptm-operator`, so re-applying an unchanged
+manifest is a no-op and a restarted operator never duplicates what it created before.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,14 +26,17 @@ from kubernetes.client.exceptions import ApiException
 from ptm_operator.analysis import LATENCY_BUCKET, REQUESTS, Sample, is_server_error, parse_metrics
 from ptm_operator.api import PretrainedModel
 from ptm_operator.builders import jobs, serving
-from ptm_operator.builders.names import FIELD_MANAGER, REVISION_LABEL, selector
-from ptm_operator.planning import (
-    IN_CONVERSION,
-    DeploymentObservation,
-    JobObservation,
-    Observed,
-    PodObservation,
+from ptm_operator.builders.names import FIELD_MANAGER, selector
+from ptm_operator.children import (
+    Children,
+    ChildView,
+    deployment_record,
+    job_record,
+    pod_record,
+    reports_missing,
+    view,
 )
+from ptm_operator.planning import IN_CONVERSION, Observed
 from ptm_operator.rollout import needs_samples
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,29 @@ def _path(api_version: str, kind: str, namespace: str, name: str | None = None) 
     return f"{path}/{name}" if name else path
 
 
+def _model_path(model: PretrainedModel) -> str:
+    from ptm_operator import GROUP, PLURAL, VERSION
+
+    ns = model.metadata.namespace or "default"
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{model.metadata.name}"
+
+
+def resource_of(path: str) -> str:
+    """`pods`, `pretrainedmodels/status`, ... of an API path (for request metrics)."""
+    parts = [p for p in path.split("/") if p]
+    if "namespaces" in parts:
+        i = parts.index("namespaces")
+        rest = parts[i + 2 :]
+        if not rest:
+            return "namespaces"
+        return "/".join(rest[0:1] + rest[2:3])
+    if parts[:1] == ["apis"] and len(parts) >= 4:
+        return "/".join(parts[3:4] + parts[5:6])
+    if parts[:1] == ["api"] and len(parts) >= 3:
+        return "/".join(parts[2:3] + parts[4:5])
+    return path
+
+
 def _selector(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
@@ -69,9 +97,16 @@ def _selector(labels: dict[str, str]) -> str:
 class Kube:
     """Observe and change one namespace's ptm children through one ApiClient (plain dicts)."""
 
-    def __init__(self, api_client: client.ApiClient, prometheus_url: str | None = None) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        prometheus_url: str | None = None,
+        on_request: Callable[[str, str, float], None] | None = None,
+    ) -> None:
         self.api = api_client
         self.prometheus_url = prometheus_url
+        self.on_request = on_request
+        """Called with (verb, resource, seconds) after every request (the operator's metrics)."""
         self._keda: bool | None = None
         self._goldens: dict[str, Any] = {}
         self._applied: dict[str, tuple[str, float]] = {}
@@ -86,74 +121,52 @@ class Kube:
         items: list[dict[str, Any]] = data.get("items") or []
         return items
 
-    def observe(self, model: PretrainedModel) -> Observed:
+    def observe(self, model: PretrainedModel, cached: Children | None = None) -> Observed:
+        """What planning needs about the model's children.
+
+        `cached`: the model's children from the watch-fed index (handlers.py); then nothing
+        is read unless a finished Job's pod end is not there yet (separate watch streams) and
+        its report is about to be read. Without it, label-selected LISTs as `ptm plan` does.
+        """
         ns = model.metadata.namespace or "default"
         name = model.metadata.name
-        job_items = self._list("batch/v1", "Job", ns, selector(name, jobs.COMPONENT))
-        # A Job's pod matters only while its revision converts: later its report is in status.
-        converting = {r.revision for r in model.status.revisions if r.state in IN_CONVERSION}
-        known = {r.revision for r in model.status.revisions}
-        needs_pods = any(_revision(j) in converting or _revision(j) not in known for j in job_items)
-        observed_jobs = {
-            rev: job
-            for rev, job in self._observe_jobs(ns, name, jobs.COMPONENT, job_items, needs_pods)
-            if rev
-        }
-        polls: list[JobObservation] = []
-        if model.spec.source.update_policy.type.value == "Poll":
-            poll_jobs = self._list("batch/v1", "Job", ns, selector(name, jobs.POLL_COMPONENT))
-            polls = [
-                job
-                for _, job in self._observe_jobs(ns, name, jobs.POLL_COMPONENT, poll_jobs, bool(poll_jobs))
-            ]
+        if cached is None:
+            found = self.list_children(model)
+        elif reports_missing(model, cached):
+            found = Children(jobs=cached.jobs, deployments=cached.deployments)
+            found.pods = [p for p in cached.pods if p.component == serving.COMPONENT]
+            for component in (jobs.COMPONENT, jobs.POLL_COMPONENT):
+                found.pods += [pod_record(p) for p in self._list("v1", "Pod", ns, selector(name, component))]
+        else:
+            found = cached
+        children = view(found)
         revisions = [r.revision for r in model.status.revisions]
         self.forget_missing(
-            "batch/v1",
-            "Job",
-            ns,
-            {jobs.job_name(model, r) for r in revisions},
-            {j["metadata"]["name"] for j in job_items},
+            "batch/v1", "Job", ns, {jobs.job_name(model, r) for r in revisions}, children.job_names
         )
-        observed_deps = {}
-        deployments = self._list("apps/v1", "Deployment", ns, selector(name, serving.COMPONENT))
         self.forget_missing(
             "apps/v1",
             "Deployment",
             ns,
             {serving.deployment_name(model, r) for r in revisions},
-            {d["metadata"]["name"] for d in deployments},
+            children.deployment_names,
         )
-        for dep in deployments:
-            rev = (dep["metadata"].get("labels") or {}).get(REVISION_LABEL)
-            if rev and not dep["metadata"].get("deletionTimestamp"):
-                st = dep.get("status") or {}
-                observed_deps[rev] = DeploymentObservation(
-                    name=dep["metadata"]["name"],
-                    revision=rev,
-                    replicas=(dep.get("spec") or {}).get("replicas") or 0,
-                    ready_replicas=st.get("readyReplicas") or 0,
-                    available_replicas=st.get("availableReplicas") or 0,
-                    updated_replicas=st.get("updatedReplicas") or 0,
-                )
-        serving_pods = []
-        raw_pods: list[dict[str, Any]] = []
-        if deployments:
-            raw_pods = self._list("v1", "Pod", ns, selector(name, serving.COMPONENT))
-            serving_pods = [_pod_observation(p) for p in raw_pods]
         samples: dict[str, Sample] = {}
         if needs_samples(model):
             measured = {r for r in (model.status.stable_revision, model.status.canary_revision) if r}
             for rev in measured:
-                observed_dep = observed_deps.get(rev)
+                observed_dep = children.deployments.get(rev)
                 if observed_dep is None:
                     continue
                 if self.prometheus_url:
                     samples[rev] = self._prometheus_sample(ns, observed_dep.name, name)
                 else:
-                    mine = [
-                        p for p in raw_pods if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) == rev
+                    ips = [
+                        children.pod_ips[p.name]
+                        for p in children.pods
+                        if p.revision == rev and p.phase == "Running" and p.name in children.pod_ips
                     ]
-                    samples[rev] = scrape_pods(mine, name)
+                    samples[rev] = scrape_pods(ips, name)
         agreement = None
         golden = model.spec.rollout.analysis.golden_set
         canary, stable = model.status.canary_revision, model.status.stable_revision
@@ -161,18 +174,47 @@ class Kube:
             agreement = self._golden_agreement(
                 model,
                 golden.uri,
-                _ready_pod_url(raw_pods, canary, model),
-                _ready_pod_url(raw_pods, stable, model),
+                _ready_pod_url(children, canary, model),
+                _ready_pod_url(children, stable, model),
             )
         return Observed(
             agreement=agreement,
-            jobs=observed_jobs,
-            deployments=observed_deps,
-            pods=serving_pods,
-            polls=polls,
+            jobs=children.jobs,
+            deployments=children.deployments,
+            pods=children.pods,
+            polls=children.polls,
             samples=samples,
             keda_available=self.keda_available() if model.spec.serving.autoscaling else False,
         )
+
+    def list_children(self, model: PretrainedModel) -> Children:
+        """The model's children by label-selected LISTs (pods only where planning reads them)."""
+        ns = model.metadata.namespace or "default"
+        name = model.metadata.name
+        found = Children()
+        job_items = self._list("batch/v1", "Job", ns, selector(name, jobs.COMPONENT))
+        found.jobs = [job_record(j) for j in job_items]
+        # A Job's pod matters only while its revision converts: later its report is in status.
+        converting = {r.revision for r in model.status.revisions if r.state in IN_CONVERSION}
+        known = {r.revision for r in model.status.revisions}
+        if any(j.job.revision in converting or j.job.revision not in known for j in found.jobs):
+            found.pods += [pod_record(p) for p in self._list("v1", "Pod", ns, selector(name, jobs.COMPONENT))]
+        if model.spec.source.update_policy.type.value == "Poll":
+            polls = self._list("batch/v1", "Job", ns, selector(name, jobs.POLL_COMPONENT))
+            found.jobs += [job_record(j) for j in polls]
+            if polls:
+                found.pods += [
+                    pod_record(p) for p in self._list("v1", "Pod", ns, selector(name, jobs.POLL_COMPONENT))
+                ]
+        found.deployments = [
+            deployment_record(d)
+            for d in self._list("apps/v1", "Deployment", ns, selector(name, serving.COMPONENT))
+        ]
+        if found.deployments:
+            found.pods += [
+                pod_record(p) for p in self._list("v1", "Pod", ns, selector(name, serving.COMPONENT))
+            ]
+        return found
 
     def _golden_agreement(
         self, model: PretrainedModel, uri: str, canary: str | None, stable: str | None
@@ -280,28 +322,36 @@ class Kube:
         except ApiException as exc:  # an Event is best effort: never fail a reconcile for it
             log.warning("cannot post Event %s on %s/%s: %s", reason, ns, model.metadata.name, exc.reason)
 
-    def patch_status(self, model: PretrainedModel, status: dict[str, Any]) -> None:
-        """Merge-patch the status subresource (nulls clear fields)."""
-        from ptm_operator import GROUP, PLURAL, VERSION
+    def patch_status(
+        self, model: PretrainedModel, status: dict[str, Any], resource_version: str | None = None
+    ) -> dict[str, Any]:
+        """Merge-patch the status subresource (nulls clear fields); returns the object as stored.
 
-        ns = model.metadata.namespace or "default"
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{model.metadata.name}/status"
-        self._request("PATCH", path, "application/merge-patch+json", {"status": status}, [])
+        With `resource_version` the write is conditional: the API server answers 409 when the
+        object changed since (the status was planned from a body that is no longer current).
+        """
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        stored: dict[str, Any] = self._request(
+            "PATCH", _model_path(model) + "/status", "application/merge-patch+json", body, []
+        )
+        return stored
 
-    def remove_annotations(self, model: PretrainedModel, keys: list[str]) -> None:
-        from ptm_operator import GROUP, PLURAL, VERSION
-
-        ns = model.metadata.namespace or "default"
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{model.metadata.name}"
+    def remove_annotations(self, model: PretrainedModel, keys: list[str]) -> dict[str, Any]:
+        """Remove annotations of the model; returns the object as stored."""
         body = {"metadata": {"annotations": dict.fromkeys(keys)}}
-        self._request("PATCH", path, "application/merge-patch+json", body, [])
+        stored: dict[str, Any] = self._request(
+            "PATCH", _model_path(model), "application/merge-patch+json", body, []
+        )
+        return stored
 
-    def get_model(self, namespace: str, name: str) -> PretrainedModel | None:
-        """The PretrainedModel as stored, or None when it does not exist."""
+    def get_model_body(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The PretrainedModel as stored (plain dict), or None when it does not exist."""
         from ptm_operator import GROUP, PLURAL, VERSION
 
         try:
-            body = self._request(
+            body: dict[str, Any] = self._request(
                 "GET",
                 f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
                 "application/json",
@@ -312,21 +362,12 @@ class Kube:
             if exc.status == 404:
                 return None
             raise
-        return PretrainedModel.from_body(body)
+        return body
 
-    def _observe_jobs(
-        self, ns: str, model: str, component: str, job_items: list[dict[str, Any]], with_pods: bool
-    ) -> list[tuple[str, JobObservation]]:
-        """(revision, observation) per Job; its pods (for exit codes and termination messages)
-        are listed only when `with_pods`."""
-        by_job: dict[str, list[dict[str, Any]]] = {}
-        if with_pods:
-            for pod in self._list("v1", "Pod", ns, selector(model, component)):
-                lab = pod["metadata"].get("labels") or {}
-                by_job.setdefault(
-                    lab.get("batch.kubernetes.io/job-name") or lab.get("job-name", ""), []
-                ).append(pod)
-        return [(_revision(j), _job_observation(j, by_job.get(j["metadata"]["name"], []))) for j in job_items]
+    def get_model(self, namespace: str, name: str) -> PretrainedModel | None:
+        """The PretrainedModel as stored, or None when it does not exist."""
+        body = self.get_model_body(namespace, name)
+        return None if body is None else PretrainedModel.from_body(body)
 
     def keda_available(self) -> bool:
         """Whether the KEDA ScaledObject CRD is installed (cached per process)."""
@@ -346,6 +387,7 @@ class Kube:
     def _request(
         self, method: str, path: str, content_type: str, body: Any, query: list[tuple[str, str]]
     ) -> Any:
+        started = time.monotonic()
         serialized = self.api.param_serialize(
             method=method,
             resource_path=path,
@@ -354,11 +396,16 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(*serialized)
-        response.read()
-        return self.api.response_deserialize(
-            response, {"200": "object", "201": "object", "202": "object"}
-        ).data
+        try:
+            response = self.api.call_api(*serialized)
+            response.read()
+            return self.api.response_deserialize(
+                response, {"200": "object", "201": "object", "202": "object"}
+            ).data
+        finally:
+            if self.on_request is not None:
+                verb = "APPLY" if content_type == "application/apply-patch+yaml" else method
+                self.on_request(verb, resource_of(path), time.monotonic() - started)
 
     def apply(self, manifest: dict[str, Any]) -> bool:
         """Server-side apply (force: the operator owns the fields it sets); False when skipped.
@@ -397,95 +444,9 @@ class Kube:
                 raise
 
 
-def _revision(obj: dict[str, Any]) -> str:
-    return str((obj["metadata"].get("labels") or {}).get(REVISION_LABEL, ""))
-
-
-def _job_observation(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobObservation:
-    st = job.get("status") or {}
-    conditions = st.get("conditions") or []
-    failed = next((c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"), None)
-    complete = any(c.get("type") == "Complete" and c.get("status") == "True" for c in conditions)
-    exit_code: int | None = None
-    message: str | None = None
-    latest = ""
-    for pod in pods:
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated")
-            if cs.get("name") == jobs.CONTAINER and term is not None:
-                finished = term.get("finishedAt") or ""
-                if exit_code is None or finished > latest:
-                    latest = finished
-                    exit_code = term.get("exitCode")
-                    message = term.get("message")
-    return JobObservation(
-        name=job["metadata"]["name"],
-        revision=_revision(job),
-        created=job["metadata"].get("creationTimestamp") or "",
-        active=st.get("active") or 0,
-        succeeded=complete,
-        failed=failed is not None,
-        failure_reason=(failed or {}).get("reason") or "",
-        failure_message=(failed or {}).get("message") or "",
-        exit_code=exit_code,
-        termination_message=message,
-    )
-
-
-def _pod_observation(pod: dict[str, Any]) -> PodObservation:
-    st = pod.get("status") or {}
-    unschedulable = None
-    ready = False
-    not_ready_since = None
-    for cond in st.get("conditions") or []:
-        if cond.get("type") == "Ready" and cond.get("status") == "False" and cond.get("lastTransitionTime"):
-            not_ready_since = dt.datetime.fromisoformat(cond["lastTransitionTime"].replace("Z", "+00:00"))
-        if (
-            cond.get("type") == "PodScheduled"
-            and cond.get("status") == "False"
-            and cond.get("reason") == "Unschedulable"
-        ):
-            unschedulable = cond.get("message") or "Unschedulable"
-        if cond.get("type") == "Ready" and cond.get("status") == "True":
-            ready = True
-    waiting = None
-    restarts = 0
-    last_reason = None
-    for cs in st.get("containerStatuses") or []:
-        restarts += cs.get("restartCount") or 0
-        reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
-        if reason:
-            waiting = reason
-        last = ((cs.get("lastState") or {}).get("terminated") or {}).get("reason")
-        if last:
-            last_reason = last
-    memory = None
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        if container.get("name") == serving.CONTAINER:
-            memory = ((container.get("resources") or {}).get("limits") or {}).get("memory")
-    return PodObservation(
-        memory_limit=memory,
-        not_ready_since=not_ready_since,
-        name=pod["metadata"]["name"],
-        revision=(pod["metadata"].get("labels") or {}).get(REVISION_LABEL, ""),
-        phase=st.get("phase") or "Pending",
-        ready=ready,
-        unschedulable=unschedulable,
-        waiting_reason=waiting,
-        restarts=restarts,
-        last_termination_reason=last_reason,
-    )
-
-
-def scrape_pods(
-    pods: list[dict[str, Any]], model: str, port: int = serving.METRICS_PORT, timeout: float = 1.0
-) -> Sample:
-    """Sum the /metrics of running pods (pods that cannot be reached are skipped)."""
-    urls = [
-        f"http://{p['status']['podIP']}:{port}/metrics"
-        for p in pods
-        if (p.get("status") or {}).get("podIP") and (p.get("status") or {}).get("phase") == "Running"
-    ]
+def scrape_pods(ips: list[str], model: str, port: int = serving.METRICS_PORT, timeout: float = 1.0) -> Sample:
+    """Sum the /metrics of running pods by IP (pods that cannot be reached are skipped)."""
+    urls = [f"http://{ip}:{port}/metrics" for ip in ips]
     total = Sample()
 
     def fetch(url: str) -> Sample | None:
@@ -502,19 +463,12 @@ def scrape_pods(
     return total
 
 
-def _ready_pod_url(pods: list[dict[str, Any]], revision: str, model: PretrainedModel) -> str | None:
+def _ready_pod_url(children: ChildView, revision: str, model: PretrainedModel) -> str | None:
     """http://POD_IP:PORT of one ready serving pod of `revision`."""
-    for pod in pods:
-        st = pod.get("status") or {}
-        ready = any(
-            c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or []
-        )
-        if (
-            (pod["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision
-            and ready
-            and st.get("podIP")
-        ):
-            return f"http://{st['podIP']}:{model.spec.serving.port}"
+    for pod in children.pods:
+        ip = children.pod_ips.get(pod.name)
+        if pod.revision == revision and pod.ready and ip:
+            return f"http://{ip}:{model.spec.serving.port}"
     return None
 
 

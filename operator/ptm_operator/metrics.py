@@ -29,7 +29,23 @@ class OperatorMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.api_requests = Counter(
+            "ptm_operator_api_requests",
+            "Requests to the Kubernetes API by verb (APPLY: server-side apply) and resource.",
+            ["verb", "resource"],
+            registry=self.registry,
+        )
+        self.api_seconds = Counter(
+            "ptm_operator_api_request_seconds",
+            "Seconds spent waiting for the Kubernetes API, by verb and resource.",
+            ["verb", "resource"],
+            registry=self.registry,
+        )
         self._served = False
+
+    def api_request(self, verb: str, resource: str, seconds: float) -> None:
+        self.api_requests.labels(verb, resource).inc()
+        self.api_seconds.labels(verb, resource).inc(seconds)
 
     def reconcile_done(self, outcome: str, seconds: float) -> None:
         self.reconciles.labels(outcome).inc()

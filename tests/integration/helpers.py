@@ -109,6 +109,12 @@ def get(
     return json.loads(proc.stdout)
 
 
+def event_reasons(cluster: Cluster, namespace: str) -> set[str]:
+    """Reasons of the namespace's Events (the operator posts them in the background)."""
+    items = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    return {str(e.get("reason")) for e in items}
+
+
 def condition(obj: Any, type_: str) -> dict[str, Any] | None:
     for c in ((obj or {}).get("status") or {}).get("conditions") or []:
         if c["type"] == type_:

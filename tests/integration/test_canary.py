@@ -15,6 +15,7 @@ from tests.integration.helpers import (
     Operator,
     apply_model,
     condition,
+    event_reasons,
     example,
     finish_job_pod,
     get,
@@ -141,8 +142,7 @@ def test_crash_looping_canary_is_rolled_back_without_analysis(
         "the canary Deployment to go",
     )
     assert get(cluster, namespace, "deployment", f"resnet50-{first}")["spec"]["replicas"] == 2
-    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
-    assert any(e["reason"] == "RolledBack" for e in events)
+    wait_for(lambda: event_reasons(cluster, namespace) & {"RolledBack"}, 10, "a RolledBack Event")
 
 
 def test_promote_annotation_and_operator_restart_mid_canary(
@@ -255,8 +255,7 @@ def test_poll_policy_rolls_out_a_changed_source_by_itself(
         "the new source's revision to roll out",
     )
     assert st["sourceDigest"] == "b" * 64
-    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
-    assert any(e["reason"] == "SourceChanged" for e in events)
+    wait_for(lambda: event_reasons(cluster, namespace) & {"SourceChanged"}, 10, "a SourceChanged Event")
 
 
 GATEWAY_API = "sigs.k8s.io/gateway-api@v1.4.0"

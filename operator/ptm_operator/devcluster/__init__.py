@@ -92,6 +92,8 @@ class ClusterConfig:
     port_offset: int = _PORT_OFFSET
     real_node: bool = os.environ.get("PTM_REAL_NODE", "") == "1"
     """Also run a real node (containerd + kubelet + kube-proxy, see devcluster.node)."""
+    controller_manager_args: tuple[str, ...] = ()
+    """Extra kube-controller-manager flags (the scale benchmark raises its client QPS with them)."""
 
     @property
     def service_ip(self) -> str:
@@ -419,6 +421,7 @@ class DevCluster:
                 f"--cluster-signing-key-file={p / 'ca.key'}",
                 "--use-service-account-credentials=true",
                 f"--service-cluster-ip-range={c.service_cidr}",
+                *c.controller_manager_args,
             ],
         )
         sched_kc = c.directory / "scheduler.kubeconfig"
