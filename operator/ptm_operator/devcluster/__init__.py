@@ -90,6 +90,8 @@ class ClusterConfig:
     kwok_stages: tuple[Path, ...] = ()
     """Extra kwok Stage files loaded after dev/kwok/stages.yaml (benchmarks drive pods with them)."""
     port_offset: int = _PORT_OFFSET
+    """Shifts the real node's kubelet and kube-proxy ports (the control plane's ports are fields
+    of their own; both follow PTM_CLUSTER_PORT_OFFSET by default)."""
     real_node: bool = os.environ.get("PTM_REAL_NODE", "") == "1"
     """Also run a real node (containerd + kubelet + kube-proxy, see devcluster.node)."""
     controller_manager_args: tuple[str, ...] = ()
