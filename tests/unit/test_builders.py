@@ -36,6 +36,7 @@ from ptm_operator.builders.store import STORE_VOLUME, Store, store_from_settings
 from ptm_operator.revision import artifact_inputs
 from ptm_operator.settings import Settings
 from ptm_runtime.report import PERMANENT_EXIT_CODES
+from tests.unit.specs import resnet_s3_source
 
 SETTINGS = Settings()
 STORE = store_from_settings(Settings(store_uri="file:///var/lib/ptm"))
@@ -54,13 +55,7 @@ RESNET: dict[str, Any] = {
     "kind": "PretrainedModel",
     "metadata": {"name": "resnet50", "namespace": "vision", "uid": UID, "generation": 3},
     "spec": {
-        "source": {
-            "uri": "s3://models/vision/resnet50/weights.pt",
-            "format": "pytorch-state-dict",
-            "architecture": "torchvision.models:resnet50",
-            "credentialsSecretRef": {"name": "s3-models"},
-            "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 3, 224, 224]}],
-        },
+        "source": resnet_s3_source(),
         "optimization": {"precision": ["fp16", "fp32"]},
         "serving": {
             "executionProviders": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],

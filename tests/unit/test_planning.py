@@ -52,6 +52,7 @@ from ptm_runtime.report import (
     Metrics,
     Report,
 )
+from tests.unit.specs import resnet_s3_source
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SETTINGS = Settings(requeue_seconds=5.0)
@@ -65,13 +66,7 @@ BODY: dict[str, Any] = {
     "kind": "PretrainedModel",
     "metadata": {"name": "resnet50", "namespace": NS, "uid": "0b1e-c7", "generation": 1},
     "spec": {
-        "source": {
-            "uri": "s3://models/vision/resnet50/weights.pt",
-            "format": "pytorch-state-dict",
-            "architecture": "torchvision.models:resnet50",
-            "credentialsSecretRef": {"name": "s3-models"},
-            "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 3, 224, 224]}],
-        },
+        "source": resnet_s3_source(),
         "optimization": {"precision": ["fp16", "fp32"]},
         "validation": {"samples": 64, "minTop1Agreement": 0.99},
         "serving": {

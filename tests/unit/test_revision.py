@@ -11,6 +11,7 @@ import pytest
 
 from ptm_operator.api import PretrainedModelSpec
 from ptm_operator.revision import REVISION_LENGTH, artifact_inputs, revision_of
+from tests.unit.specs import resnet_s3_source
 
 Mutation = Callable[[dict[str, Any]], None]
 
@@ -26,13 +27,7 @@ HF: dict[str, Any] = {
 }
 
 S3: dict[str, Any] = {
-    "source": {
-        "uri": "s3://models/vision/resnet50/weights.pt",
-        "format": "pytorch-state-dict",
-        "architecture": "torchvision.models:resnet50",
-        "credentialsSecretRef": {"name": "s3-models"},
-        "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, 3, 224, 224]}],
-    },
+    "source": resnet_s3_source(),
     "optimization": {"precision": ["fp16", "fp32"]},
     "validation": {"samples": 64, "minTop1Agreement": 0.99},
     "serving": {"resources": {"limits": {"memory": "8Gi", "nvidia.com/gpu": 1}}},
