@@ -58,6 +58,7 @@ from typing import Any
 import yaml
 
 from ptm_operator.devcluster import CONTROL_PLANE, ClusterConfig, DevCluster
+from ptm_operator.devcluster.runner import LocalOperator
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -410,36 +411,20 @@ def prepare(dev: DevCluster, api: Api, workdir: Path) -> Path:
 # --- the operator -------------------------------------------------------------------------------
 
 
-class OperatorProcess:
+class OperatorProcess(LocalOperator):
     """`ptm operator --standalone -n bench` as a subprocess of this benchmark."""
 
     def __init__(self, kubeconfig: Path, log: Path, env: dict[str, str]) -> None:
-        self.metrics_port = free_ports(1)[0]
-        self.log = log
-        self.env = {
-            **os.environ,
-            "KUBECONFIG": str(kubeconfig),
+        defaults = {
             "PTM_STORE_URI": "file:///var/lib/ptm-bench",
-            "PTM_BIND_ADDRESS": "127.0.0.1",
-            "PTM_METRICS_PORT": str(self.metrics_port),
-            "PTM_LIVENESS_PORT": "0",
             "PTM_CONVERTER_IMAGE": "ptm/convert:bench",
             "PTM_SERVE_IMAGE": "ptm/serve:bench",
-            **env,
         }
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(kubeconfig, NAMESPACE, log, {**defaults, **env})
 
-    def start(self) -> None:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ptm_operator.cli", "operator", "--standalone", "-n", NAMESPACE],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO,
-        )
-        out.close()
+    def start(self) -> subprocess.Popen[bytes]:
+        """Start, and return once its /metrics answers."""
+        proc = super().start()
 
         def serving() -> bool:
             if not self.alive():
@@ -451,29 +436,15 @@ class OperatorProcess:
             return True
 
         wait(serving, 90, "the operator's /metrics", 0.25)
+        return proc
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
+    def stop(self, timeout: float = 20) -> None:
+        super().stop(timeout)
 
 
 # --- one size -----------------------------------------------------------------------------------

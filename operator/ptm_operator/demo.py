@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -38,13 +37,6 @@ def demo_dir() -> Path:
     path = cache_dir() / "demo"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def stop_operator() -> None:
@@ -87,7 +79,7 @@ def main() -> int:
     story.prepare()
     say(f"running the operator (log: {demo_dir() / 'operator.log'})")
     stop_operator()  # a previous demo's, which may run older images
-    proc = story.start_operator(free_port())
+    proc = story.start_operator(outlive=True)
     (demo_dir() / "operator.pid").write_text(str(proc.pid))
     # A previous demo's model goes first (the running operator releases its finalizer).
     cluster.kubectl(

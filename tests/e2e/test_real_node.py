@@ -15,7 +15,6 @@ import pytest
 
 from ptm_operator.devcluster.story import SENTENCES, Story, pytorch_reference
 from tests.conftest import Cluster, wait_for
-from tests.integration.helpers import free_port
 
 
 @pytest.fixture
@@ -24,7 +23,7 @@ def story(cluster: Cluster, crd_installed: str, tmp_path: Path) -> Iterator[Stor
     built = dev.up_real_node(images=("convert", "serve"))  # cached by content: a no-op when built
     s = Story(dev, f"e2e-{uuid.uuid4().hex[:6]}", {b.target: b.name for b in built}, tmp_path)
     s.prepare()
-    s.start_operator(free_port())
+    s.start_operator()
     yield s
     s.cleanup()  # deletes the model while the operator runs (its finalizer), then stops it
 

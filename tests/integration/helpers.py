@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ptm_operator.devcluster import exited_pod_status
+from ptm_operator.devcluster.runner import LocalOperator
 from ptm_runtime.options import Precision, TensorSpec
 from ptm_runtime.report import EXIT_VALIDATION_FAILED, Candidate, Failure, Metrics, Report
 from tests.conftest import REPO, Cluster, wait_for
@@ -21,22 +17,23 @@ from tests.conftest import REPO, Cluster, wait_for
 EXAMPLE = REPO / "examples" / "vision-resnet.yaml"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Operator:
-    """`ptm operator` as a subprocess watching one namespace."""
+class Operator(LocalOperator):
+    """`ptm operator` as a subprocess watching one namespace (kwok nodes: images never pulled)."""
 
     def __init__(self, cluster: Cluster, namespace: str, log: Path) -> None:
+        super().__init__(
+            cluster.kubeconfig,
+            namespace,
+            log,
+            {
+                "PTM_STORE_URI": "file:///var/lib/ptm-test-store",
+                "PTM_REQUEUE_SECONDS": "1",
+                "PTM_HEALTH_INTERVAL_SECONDS": "1",
+                "PTM_CONVERTER_IMAGE": "ptm/convert:test",
+                "PTM_SERVE_IMAGE": "ptm/serve:test",
+            },
+        )
         self.cluster = cluster
-        self.namespace = namespace
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.metrics_port = free_port()
 
     def reconciles(self) -> float:
         """Reconciles this operator process has finished (from its /metrics)."""
@@ -52,44 +49,6 @@ class Operator:
             for line in text.splitlines()
             if line.startswith("ptm_operator_reconciles_total{")
         )
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.cluster.kubeconfig),
-            "PTM_STORE_URI": "file:///var/lib/ptm-test-store",
-            "PTM_REQUEUE_SECONDS": "1",
-            "PTM_HEALTH_INTERVAL_SECONDS": "1",
-            "PTM_METRICS_PORT": str(self.metrics_port),
-            "PTM_LIVENESS_PORT": "0",
-            "PTM_BIND_ADDRESS": "127.0.0.1",
-            "PTM_CONVERTER_IMAGE": "ptm/convert:test",
-            "PTM_SERVE_IMAGE": "ptm/serve:test",
-        }
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ptm_operator.cli", "operator", "--standalone", "-n", self.namespace],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        out.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.proc = None
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from ptm_operator.devcluster.certs import NODE_NAME
 
 if TYPE_CHECKING:
     from ptm_operator.devcluster import DevCluster
+    from ptm_operator.devcluster.images import BuiltImage
 
 NODE_PROCESSES = ("containerd", "kubelet", "kube-proxy")
 NODE_LABEL = "ptm.dev/node"
@@ -213,7 +215,7 @@ class RealNode:
             "ctr", ["ctr", "--address", str(self.socket), "-n", "k8s.io"], args, None, check, timeout
         )
 
-    def up(self, sandbox_image: str, images: list[Any], timeout: float = 120) -> None:
+    def up(self, sandbox_image: str, images: Sequence[BuiltImage], timeout: float = 120) -> None:
         """Start containerd (importing `images`), kubelet and kube-proxy; wait until the node is Ready."""
         from ptm_operator.devcluster import ClusterError
         from ptm_operator.devcluster.images import import_into_containerd

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -30,6 +29,7 @@ import yaml
 
 from ptm_operator.devcluster import REPO_ROOT, ClusterError, DevCluster
 from ptm_operator.devcluster.node import RealNode, real_node_namespace
+from ptm_operator.devcluster.runner import LocalOperator
 
 EXAMPLE = REPO_ROOT / "examples" / "local-minilm.yaml"
 NAME = "minilm"
@@ -162,7 +162,7 @@ class Story:
         self.log_dir = log_dir
         self.say = say
         self.volumes = cluster.config.directory / "node" / "volumes" / namespace
-        self.operator: subprocess.Popen[bytes] | None = None
+        self.operator: LocalOperator | None = None
         self._last_line = ""
         from transformers import AutoTokenizer
 
@@ -200,41 +200,27 @@ class Story:
     def store_dir(self) -> Path:
         return self.volumes / STORE_CLAIM
 
-    def operator_env(self, metrics_port: int) -> dict[str, str]:
-        return {
-            **os.environ,
-            "KUBECONFIG": str(self.cluster.kubeconfig),
-            "PTM_STORE_URI": f"pvc://{STORE_CLAIM}",
-            "PTM_CONVERTER_IMAGE": self.images["convert"],
-            "PTM_SERVE_IMAGE": self.images["serve"],
-            "PTM_IMAGE_PULL_POLICY": "Never",  # built here and imported; there is no registry
-            "PTM_BIND_ADDRESS": "127.0.0.1",
-            "PTM_METRICS_PORT": str(metrics_port),
-            "PTM_LIVENESS_PORT": "0",
-            "PTM_REQUEUE_SECONDS": "2",
-            "PTM_HEALTH_INTERVAL_SECONDS": "3",
-        }
-
-    def start_operator(self, metrics_port: int) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / "operator.log").open("ab")
-        self.operator = subprocess.Popen(
-            [sys.executable, "-m", "ptm_operator.cli", "operator", "--standalone", "-n", self.namespace],
-            env=self.operator_env(metrics_port),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    def start_operator(self, *, outlive: bool = False) -> subprocess.Popen[bytes]:
+        """The operator on this story's namespace, running the images built here."""
+        self.operator = LocalOperator(
+            self.cluster.kubeconfig,
+            self.namespace,
+            self.log_dir / "operator.log",
+            {
+                "PTM_STORE_URI": f"pvc://{STORE_CLAIM}",
+                "PTM_CONVERTER_IMAGE": self.images["convert"],
+                "PTM_SERVE_IMAGE": self.images["serve"],
+                "PTM_IMAGE_PULL_POLICY": "Never",  # built here and imported; there is no registry
+                "PTM_REQUEUE_SECONDS": "2",
+                "PTM_HEALTH_INTERVAL_SECONDS": "3",
+            },
+            new_session=outlive,
         )
-        log.close()
-        return self.operator
+        return self.operator.start()
 
     def stop_operator(self) -> None:
-        if self.operator is not None and self.operator.poll() is None:
-            self.operator.terminate()
-            try:
-                self.operator.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.operator.kill()
-                self.operator.wait(timeout=5)
+        if self.operator is not None:
+            self.operator.stop()
 
     # --- the resource --------------------------------------------------------------------------
 
@@ -276,9 +262,9 @@ class Story:
                 self._last_line = line
             if got:
                 return got
-            if self.operator is not None and self.operator.poll() is not None:
+            if self.operator is not None and not self.operator.alive():
                 raise ClusterError(
-                    f"the operator exited ({self.operator.returncode}); see {self.log_dir / 'operator.log'}"
+                    f"the operator exited ({self.operator.returncode()}); see {self.operator.log}"
                 )
             time.sleep(1)
         pods = self.cluster.kubectl("get", "pods", "-n", self.namespace, "-o", "wide", check=False).stdout
