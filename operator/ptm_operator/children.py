@@ -22,12 +22,8 @@ from typing import Any
 from ptm_operator.api import PretrainedModel
 from ptm_operator.builders import jobs, serving
 from ptm_operator.builders.names import MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, REVISION_LABEL, dns_name
-from ptm_operator.planning import (
-    IN_CONVERSION,
-    DeploymentObservation,
-    JobObservation,
-    PodObservation,
-)
+from ptm_operator.observed import DeploymentObservation, JobObservation, PodObservation
+from ptm_operator.planning import IN_CONVERSION
 
 COMPONENT_LABEL = "app.kubernetes.io/component"
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")

@@ -36,7 +36,8 @@ from ptm_operator.children import (
     reports_missing,
     view,
 )
-from ptm_operator.planning import IN_CONVERSION, Observed
+from ptm_operator.observed import Observed
+from ptm_operator.planning import IN_CONVERSION
 from ptm_operator.rollout import needs_samples
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from pydantic import ValidationError
 
 from ptm_operator.api import ArtifactStatus, PretrainedModel, RevisionState, RevisionStatus
 from ptm_operator.builders.store import store_from_settings
-from ptm_operator.planning import Observed, Plan, plan
+from ptm_operator.observed import Observed
+from ptm_operator.planning import Plan, plan
 from ptm_operator.revision import revision_of
 from ptm_operator.settings import Settings
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ptm_operator.analysis import Sample
 from ptm_operator.api import (
     ArtifactStatus,
     Condition,
@@ -33,6 +32,11 @@ from ptm_operator.api import (
 from ptm_operator.builders import jobs, serving
 from ptm_operator.builders.store import Store
 from ptm_operator.conditions import set_condition, with_ready
+from ptm_operator.observed import (
+    BAD_WAITING,
+    Observed,
+    PodObservation,
+)
 from ptm_operator.remediation import effective_memory_limit, remediate
 from ptm_operator.revision import revision_of
 from ptm_operator.rollout import step_rollout
@@ -55,76 +59,6 @@ SERVABLE = frozenset(
 )
 #: What spec.revision may pin: any revision with an artifact, a rolled-back one included.
 PINNABLE = SERVABLE | {RevisionState.ROLLED_BACK}
-
-
-# --- what the operator observed --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JobObservation:
-    """A conversion Job and what its (latest) pod said when it ended."""
-
-    name: str
-    revision: str
-    active: int = 0
-    succeeded: bool = False
-    failed: bool = False
-    failure_reason: str = ""
-    failure_message: str = ""
-    exit_code: int | None = None
-    termination_message: str | None = None
-    created: str = ""
-    """creationTimestamp (RFC 3339, sorts in time order)."""
-
-
-@dataclass(frozen=True)
-class DeploymentObservation:
-    name: str
-    revision: str
-    replicas: int = 0
-    ready_replicas: int = 0
-    available_replicas: int = 0
-    updated_replicas: int = 0
-
-
-@dataclass(frozen=True)
-class PodObservation:
-    """A serving pod, reduced to what status and remediation need."""
-
-    name: str
-    revision: str
-    phase: str = "Pending"
-    ready: bool = False
-    unschedulable: str | None = None
-    """The scheduler's message when PodScheduled is False/Unschedulable."""
-    waiting_reason: str | None = None
-    """CrashLoopBackOff, ImagePullBackOff, ErrImagePull, CreateContainerConfigError, ..."""
-    restarts: int = 0
-    last_termination_reason: str | None = None
-    """OOMKilled, Error, ..."""
-    memory_limit: str | None = None
-    """The server container's memory limit (which pod template the pod comes from)."""
-
-    def crash_looping(self, restart_threshold: int) -> bool:
-        """In CrashLoopBackOff after at least `restart_threshold` restarts (spec.remediation)."""
-        return self.waiting_reason == "CrashLoopBackOff" and self.restarts >= restart_threshold
-
-    not_ready_since: datetime | None = None
-    """When the Ready condition last turned False."""
-
-
-@dataclass(frozen=True)
-class Observed:
-    jobs: dict[str, JobObservation] = field(default_factory=dict)
-    deployments: dict[str, DeploymentObservation] = field(default_factory=dict)
-    pods: list[PodObservation] = field(default_factory=list)
-    keda_available: bool = False
-    polls: list[JobObservation] = field(default_factory=list)
-    """Source-poll Jobs (updatePolicy Poll), any order."""
-    agreement: float | None = None
-    """Golden-set prediction agreement of canary and stable (analysis.minPredictionAgreement)."""
-    samples: dict[str, Sample] = field(default_factory=dict)
-    """Metrics per revision, read only while a canary is in an analysis step."""
 
 
 # --- what to do ------------------------------------------------------------------------------------
@@ -174,17 +108,6 @@ class Plan:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-BAD_WAITING = frozenset(
-    {
-        "CrashLoopBackOff",
-        "ImagePullBackOff",
-        "ErrImagePull",
-        "CreateContainerConfigError",
-        "InvalidImageName",
-        "RunContainerError",
-    }
-)
 
 
 def termination_record(message: str | None) -> Report | Failure | SourceDigest | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from ptm_operator.api import (
     PretrainedModel,
@@ -21,9 +20,7 @@ from ptm_operator.api import (
     RevisionState,
     duration_seconds,
 )
-
-if TYPE_CHECKING:
-    from ptm_operator.planning import Observed
+from ptm_operator.observed import Observed
 
 _UNITS = {
     "": 1,

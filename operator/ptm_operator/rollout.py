@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from ptm_operator.analysis import Verdict, judge
 from ptm_operator.api import (
@@ -23,9 +22,7 @@ from ptm_operator.api import (
     TrafficRoutingType,
     duration_seconds,
 )
-
-if TYPE_CHECKING:
-    from ptm_operator.planning import DeploymentObservation, Observed
+from ptm_operator.observed import BAD_WAITING, DeploymentObservation, Observed
 
 
 @dataclass
@@ -95,8 +92,6 @@ def _elapsed(now: datetime, since: datetime | None) -> float:
 
 def _trouble(model: PretrainedModel, observed: Observed, revision: str) -> tuple[str, str] | None:
     """A crash loop (or image/config error) in the revision's pods, per spec.remediation."""
-    from ptm_operator.planning import BAD_WAITING
-
     policy = model.spec.remediation.rollback_on_crash_loop
     for pod in observed.pods:
         if pod.revision != revision or pod.waiting_reason not in BAD_WAITING:

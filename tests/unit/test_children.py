@@ -27,7 +27,7 @@ from ptm_operator.children import (
     view,
     wakes_owner,
 )
-from ptm_operator.planning import PodObservation
+from ptm_operator.observed import PodObservation
 
 NS = "vision"
 MODEL = "resnet50"

@@ -25,14 +25,11 @@ from ptm_operator.api import (
 from ptm_operator.builders import jobs, serving
 from ptm_operator.builders.store import store_from_settings
 from ptm_operator.conditions import get_condition
+from ptm_operator.observed import DeploymentObservation, JobObservation, Observed, PodObservation
 from ptm_operator.planning import (
     Deletion,
-    DeploymentObservation,
     Event,
-    JobObservation,
-    Observed,
     Plan,
-    PodObservation,
     candidates_summary,
     plan,
     pod_problems,

@@ -15,7 +15,7 @@ from ptm_operator.api import (
     RevisionState,
     RevisionStatus,
 )
-from ptm_operator.planning import Observed, PodObservation
+from ptm_operator.observed import Observed, PodObservation
 from ptm_operator.remediation import effective_memory_limit, format_mebibytes, parse_bytes, remediate
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)

@@ -20,7 +20,7 @@ from ptm_operator.api import (
     RevisionState,
     RevisionStatus,
 )
-from ptm_operator.planning import DeploymentObservation, Observed, PodObservation
+from ptm_operator.observed import DeploymentObservation, Observed, PodObservation
 from ptm_operator.rollout import (
     RolloutResult,
     achieved_weight,
