@@ -321,11 +321,36 @@ class BatchingOptions(Options):
     """Dynamic batching: requests are queued and run together."""
 
     max_batch_size: int = Field(default=8, ge=1, le=1024)
-    """Largest batch sent to the model (1 disables batching)."""
+    """Largest batch sent to the model (1 disables batching); also the most rows one request
+    may carry."""
+    preferred_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    """Rows at which a forming batch closes (at most maxBatchSize). Unset: measured when the
+    model loads, as the smallest batch size whose rows per second come within 5% of the best
+    (on CPUs a transformer often runs fastest at 2-4 rows, a CNN at the largest batch)."""
     max_queue_delay_ms: float = Field(default=5.0, ge=0, le=10000)
     """How long the first queued request waits for others to join its batch."""
     max_queue_size: int = Field(default=256, ge=1, le=100000)
     """Queued requests beyond this are refused with 429 / RESOURCE_EXHAUSTED."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.preferredBatchSize) || !has(self.maxBatchSize) || "
+                "self.preferredBatchSize <= self.maxBatchSize",
+                "preferredBatchSize must not exceed maxBatchSize",
+                ".preferredBatchSize",
+            ),
+        )
+    )
+
+    @model_validator(mode="after")
+    def _preferred_within_max(self) -> Self:
+        if self.preferred_batch_size is not None and self.preferred_batch_size > self.max_batch_size:
+            raise ValueError(
+                f"preferredBatchSize must not exceed maxBatchSize ({self.preferred_batch_size} > "
+                f"{self.max_batch_size})"
+            )
+        return self
 
 
 class RuntimeOptions(Options):

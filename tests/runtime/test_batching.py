@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from ptm_runtime.options import RuntimeOptions
-from ptm_runtime.serve.batching import Batcher
+from ptm_runtime.serve.batching import Batcher, batch_sizes_to_try, choose_batch_size
 from ptm_runtime.serve.errors import DeadlineExceeded, QueueFull, Unavailable
 from ptm_runtime.serve.metrics import ServeMetrics
 from ptm_runtime.serve.model import OnnxModel
@@ -152,3 +152,61 @@ def test_concurrent_runs_compute_two_batches_at_once(slow: OnnxModel) -> None:
         assert await batcher.close(5)
 
     asyncio.run(main())
+
+
+def test_batches_close_at_the_preferred_size(linear: OnnxModel) -> None:
+    async def main() -> list[int]:
+        batcher = Batcher(
+            linear.infer,
+            max_batch_size=16,
+            preferred_batch_size=3,
+            max_queue_delay_ms=50,
+            max_queue_size=64,
+            batching=True,
+        )
+        batcher.start()
+        sizes = [1, 1, 2, 1, 5, 1]
+        results = await asyncio.gather(
+            *(batcher.submit(_feeds(n, i), n, ("same",), timeout=10) for i, n in enumerate(sizes))
+        )
+        for i, (n, r) in enumerate(zip(sizes, results, strict=True)):
+            np.testing.assert_allclose(
+                r.outputs["y"], models.linear_reference(**_feeds(n, i))["y"], rtol=1e-6
+            )
+        assert await batcher.close(5)
+        return [r.batch_rows for r in results]
+
+    rows = asyncio.run(main())
+    # Batches close at 3 rows: [1, 1, 1] (the 2-row request did not fit), then [2, 1]; the
+    # 5-row request (more than 3, within maxBatchSize) runs alone.
+    assert rows == [3, 3, 3, 3, 5, 3]
+
+
+def test_batch_sizes_to_try_doubles_up_to_the_maximum() -> None:
+    assert batch_sizes_to_try(1) == [1]
+    assert batch_sizes_to_try(8) == [1, 2, 4, 8]
+    assert batch_sizes_to_try(12) == [1, 2, 4, 8, 12]
+
+
+@pytest.mark.parametrize(
+    ("rates", "chosen"),
+    [
+        ({1: 209.2, 2: 231.2, 4: 228.8, 8: 208.0}, 2),  # MiniLM int8 on 2 CPU cores (measured)
+        ({1: 120.4, 2: 126.4, 4: 131.2, 8: 134.4}, 4),  # resnet18: 4 is within 5% of 8
+        ({1: 100.0, 2: 150.0, 4: 300.0, 8: 600.0}, 8),  # a tiny model: bigger is always better
+        ({1: 50.0}, 1),
+    ],
+)
+def test_choose_batch_size_takes_the_smallest_near_best(rates: dict[int, float], chosen: int) -> None:
+    assert choose_batch_size(rates) == chosen
+
+
+def test_choose_batch_size_needs_a_measurement() -> None:
+    with pytest.raises(ValueError, match="no batch size"):
+        choose_batch_size({})
+
+
+def test_measure_batch_sizes_gives_rows_per_second_for_each_size(linear: OnnxModel) -> None:
+    rates = linear.measure_batch_sizes([1, 2, 4], budget_seconds=0.3)
+    assert sorted(rates) == [1, 2, 4]
+    assert all(rate > 0 for rate in rates.values())

@@ -43,10 +43,12 @@ def test_defaults_and_flags(tmp_path: Path) -> None:
             "--thread-spinning",
             "--concurrent-runs",
             "2",
+            "--preferred-batch-size",
+            "4",
         ]
     )
     assert s.host == "0.0.0.0" and s.model_name == "resnet"
-    assert s.options.batching.max_batch_size == 16
+    assert s.options.batching.max_batch_size == 16 and s.options.batching.preferred_batch_size == 4
     assert s.options.execution_providers == [ExecutionProvider.CUDA, ExecutionProvider.CPU]
     assert s.options.graph_optimization_level is GraphOptimizationLevel.BASIC
     assert s.options.thread_spinning is True and s.options.concurrent_runs == 2

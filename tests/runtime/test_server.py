@@ -96,6 +96,10 @@ def test_health_and_metadata(server: ServeProcess, linear_model: Path) -> None:
         assert meta["outputs"][0] == {"name": "y", "datatype": "FP32", "shape": [-1, 3]}
         assert meta["parameters"]["execution_provider"] == "CPUExecutionProvider"
         assert meta["parameters"]["sha256"] == sha256_file(linear_model)
+        # Measured at load (within maxBatchSize 32) and exported as a gauge.
+        preferred = meta["parameters"]["preferred_batch_size"]
+        assert 1 <= preferred <= meta["parameters"]["max_batch_size"] == 32
+        assert server.metric("ptm_preferred_batch_size", model="linear") == preferred
         assert http.get("/v2/models/linear/versions/1").json() == meta
         assert http.get("/v2/models/linear/ready").json() == {"name": "linear", "ready": True}
         response = http.get("/v2/models/other/ready")
@@ -437,6 +441,7 @@ def test_batching_on_and_off_give_identical_outputs(
     unbatched = serve_factory(artifact, "--model-name", "linear", "--max-batch-size", "1")
     meta = httpx.get(f"{unbatched.url}/v2/models/linear", timeout=10).json()["parameters"]
     assert meta["dynamic_batching"] is False and meta["sha256"] == sha256_file(model)
+    assert meta["preferred_batch_size"] == 1
 
     def run(target: ServeProcess) -> list[np.ndarray]:
         def call(i: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from ptm_runtime.serve.settings import ServeSettings
 _OPTION_FLAGS: dict[str, tuple[str, ...]] = {
     "execution_providers": ("executionProviders",),
     "max_batch_size": ("batching", "maxBatchSize"),
+    "preferred_batch_size": ("batching", "preferredBatchSize"),
     "max_queue_delay_ms": ("batching", "maxQueueDelayMs"),
     "max_queue_size": ("batching", "maxQueueSize"),
     "concurrent_runs": ("concurrentRuns",),
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated, in order of preference: " + ",".join(e.value for e in ExecutionProvider),
     )
     o.add_argument("--max-batch-size", type=int, help="rows per batch (1 disables batching)")
+    o.add_argument(
+        "--preferred-batch-size", type=int, help="rows at which a batch closes (default: measured at load)"
+    )
     o.add_argument("--max-queue-delay-ms", type=float, help="how long a batch waits to fill")
     o.add_argument("--max-queue-size", type=int, help="queued requests before 429")
     o.add_argument("--concurrent-runs", type=int, help="batches run on the model at once (default 1)")

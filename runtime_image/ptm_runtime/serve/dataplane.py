@@ -237,6 +237,7 @@ class DataPlane:
             "sha256": model.artifact.sha256,
             "dynamic_batching": batcher.batching if batcher is not None else False,
             "max_batch_size": batcher.max_batch_size if batcher is not None else 1,
+            "preferred_batch_size": batcher.preferred_batch_size if batcher is not None else 1,
             "concurrent_runs": batcher.concurrent_runs if batcher is not None else 1,
         }
         return ModelMetadata(

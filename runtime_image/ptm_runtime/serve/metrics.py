@@ -104,6 +104,12 @@ class ServeMetrics:
             ["model"],
             registry=registry,
         )
+        self.preferred_batch_size = Gauge(
+            "ptm_preferred_batch_size",
+            "Rows at which a forming batch closes (configured, or measured at load).",
+            ["model"],
+            registry=registry,
+        )
         self.provider_info = Gauge(
             "ptm_execution_provider_info",
             "The ONNX Runtime execution provider in use (value 1).",
@@ -140,9 +146,12 @@ class ServeMetrics:
     def add_in_flight(self, delta: int) -> None:
         self._in_flight.inc(delta)
 
-    def model_loaded(self, provider: str, load_seconds: float, warmup_seconds: float) -> None:
+    def model_loaded(
+        self, provider: str, load_seconds: float, warmup_seconds: float, preferred_batch_size: int
+    ) -> None:
         self.load_seconds.labels(self.model).set(load_seconds)
         self.warmup_seconds.labels(self.model).set(warmup_seconds)
+        self.preferred_batch_size.labels(self.model).set(preferred_batch_size)
         self.provider_info.labels(self.model, provider).set(1)
 
     def set_ready(self, ready: bool) -> None:

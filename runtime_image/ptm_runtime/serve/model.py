@@ -10,6 +10,7 @@ call; the batcher and the data plane above it own queueing, validation and wire 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -272,6 +273,34 @@ class OnnxModel:
                 shape[0] = batch
             feeds[t.name] = np.zeros(shape, dtype=t.dtype)
         return feeds
+
+    def measure_batch_sizes(self, sizes: Sequence[int], budget_seconds: float = 3.0) -> dict[int, float]:
+        """Rows per second at each batch size (median run time of a few runs on zero inputs).
+
+        Sizes are tried in the given order, each for about an equal share of the budget (at
+        least three timed runs after an untimed one); once the budget is spent, larger sizes are
+        not tried. A size whose run fails ends the measurement (what was measured is returned).
+        """
+        rates: dict[int, float] = {}
+        share = budget_seconds / max(1, len(sizes))
+        started = time.perf_counter()
+        for size in sizes:
+            if rates and time.perf_counter() - started > budget_seconds:
+                break
+            feeds = self.sample_feeds(size)
+            try:
+                self.infer(feeds)
+                times: list[float] = []
+                begun = time.perf_counter()
+                while len(times) < 3 or (time.perf_counter() - begun < share and len(times) < 50):
+                    t = time.perf_counter()
+                    self.infer(feeds)
+                    times.append(time.perf_counter() - t)
+            except Exception as exc:
+                log.warning("batch size %d could not be measured (stopping there): %s", size, exc)
+                break
+            rates[size] = size / max(statistics.median(times), 1e-9)
+        return rates
 
     def warmup(self, requests: int, max_batch_size: int) -> float:
         """Run `requests` inferences (alternating batch 1 and the largest batch); returns seconds.

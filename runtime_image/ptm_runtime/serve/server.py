@@ -23,7 +23,7 @@ from typing import Any
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from ptm_runtime.serve.batching import Batcher
+from ptm_runtime.serve.batching import Batcher, batch_sizes_to_try, choose_batch_size
 from ptm_runtime.serve.dataplane import DataPlane
 from ptm_runtime.serve.errors import ArtifactError
 from ptm_runtime.serve.metrics import ServeMetrics, metrics_app
@@ -138,9 +138,21 @@ class Server:
         warmup = await loop.run_in_executor(
             None, model.warmup, s.options.warmup_requests, batching.max_batch_size
         )
+        preferred = batching.preferred_batch_size
+        if preferred is None and model.dynamic_batch and batching.max_batch_size > 1:
+            rates = await loop.run_in_executor(
+                None, model.measure_batch_sizes, batch_sizes_to_try(batching.max_batch_size)
+            )
+            preferred = choose_batch_size(rates)
+            log.info(
+                "rows/s by batch size: %s; batches close at %d rows",
+                ", ".join(f"{size}: {rate:.1f}" for size, rate in rates.items()),
+                preferred,
+            )
         batcher = Batcher(
             model.infer,
             max_batch_size=batching.max_batch_size,
+            preferred_batch_size=preferred,
             max_queue_delay_ms=batching.max_queue_delay_ms,
             max_queue_size=batching.max_queue_size,
             batching=model.dynamic_batch,
@@ -148,13 +160,14 @@ class Server:
             metrics=self.metrics,
         )
         batcher.start()
-        self.metrics.model_loaded(model.provider, model.load_seconds, warmup)
+        self.metrics.model_loaded(model.provider, model.load_seconds, warmup, batcher.preferred_batch_size)
         self.plane.attach(model, batcher)
         log.info(
-            "model %r ready on %s (dynamic batching %s, max batch %d)",
+            "model %r ready on %s (dynamic batching %s, batches of up to %d rows, requests of up to %d)",
             s.model_name,
             model.provider,
             "on" if batcher.batching else "off",
+            batcher.preferred_batch_size,
             batching.max_batch_size,
         )
         return model
