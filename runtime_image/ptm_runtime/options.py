@@ -325,8 +325,9 @@ class BatchingOptions(Options):
     may carry."""
     preferred_batch_size: int | None = Field(default=None, ge=1, le=1024)
     """Rows at which a forming batch closes (at most maxBatchSize). Unset: measured when the
-    model loads, as the smallest batch size whose rows per second come within 5% of the best
-    (on CPUs a transformer often runs fastest at 2-4 rows, a CNN at the largest batch)."""
+    model loads (1, 2, 4, ... maxBatchSize rows, with concurrentRuns when that is unset too):
+    the smallest size whose rows per second come within 3% of the best (on CPUs a transformer
+    often runs fastest at 2-4 rows, a CNN at the largest batch)."""
     max_queue_delay_ms: float = Field(default=5.0, ge=0, le=10000)
     """How long the first queued request waits for others to join its batch."""
     max_queue_size: int = Field(default=256, ge=1, le=100000)
@@ -364,10 +365,11 @@ class RuntimeOptions(Options):
     """Execution providers in order of preference; the first that loads is used and reported."""
     batching: BatchingOptions = Field(default_factory=BatchingOptions)
     """Dynamic batching."""
-    concurrent_runs: int = Field(default=1, ge=1, le=64)
-    """Batches the model runs at once (ONNX Runtime sessions are thread-safe). On CPUs where
-    one run leaves cores idle, 2 overlaps runs and raises throughput; each run uses
-    intraOpThreads threads."""
+    concurrent_runs: int | None = Field(default=None, ge=1, le=64)
+    """Batches the model runs at once (ONNX Runtime sessions are thread-safe; the runs share
+    the session's intraOpThreads). Unset: measured when the model loads together with
+    batching.preferredBatchSize (1 or 2, whichever gives more rows per second). A lone
+    request always runs alone, with every thread."""
     intra_op_threads: int = Field(default=0, ge=0, le=256)
     """ONNX Runtime intra-op threads (0: one per available core)."""
     inter_op_threads: int = Field(default=0, ge=0, le=256)

@@ -326,7 +326,7 @@ def exposed_metrics() -> set[str]:
     serve.observe_queue(0.001)
     serve.set_queue_depth(1)
     serve.add_in_flight(1)
-    serve.model_loaded("CPUExecutionProvider", 0.1, 0.1, 8)
+    serve.model_loaded("CPUExecutionProvider", 0.1, 0.1, 8, 1)
     serve.set_ready(True)
     operator = OperatorMetrics()
     operator.reconcile_done("settled", 0.01)

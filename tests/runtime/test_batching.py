@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from ptm_runtime.options import RuntimeOptions
-from ptm_runtime.serve.batching import Batcher, batch_sizes_to_try, choose_batch_size
+from ptm_runtime.serve.batching import Batcher, batch_sizes_to_try, choose_execution, tuning_cells
 from ptm_runtime.serve.errors import DeadlineExceeded, QueueFull, Unavailable
 from ptm_runtime.serve.metrics import ServeMetrics
 from ptm_runtime.serve.model import OnnxModel
@@ -188,25 +188,74 @@ def test_batch_sizes_to_try_doubles_up_to_the_maximum() -> None:
     assert batch_sizes_to_try(12) == [1, 2, 4, 8, 12]
 
 
+def test_tuning_cells_measure_only_what_the_options_leave_unset() -> None:
+    def opts(**batching: int) -> RuntimeOptions:
+        runs = batching.pop("runs", None)
+        wire: dict[str, object] = {"batching": {k: v for k, v in batching.items()}}
+        if runs is not None:
+            wire["concurrentRuns"] = runs
+        return RuntimeOptions.model_validate(wire)
+
+    assert tuning_cells(opts(maxBatchSize=4), dynamic_batch=True) == [
+        (1, 1),
+        (2, 1),
+        (1, 2),
+        (2, 2),
+        (1, 4),
+        (2, 4),
+    ]
+    assert tuning_cells(opts(maxBatchSize=4, runs=1), dynamic_batch=True) == [(1, 1), (1, 2), (1, 4)]
+    assert tuning_cells(opts(maxBatchSize=4, preferredBatchSize=2), dynamic_batch=True) == [(1, 2), (2, 2)]
+    assert tuning_cells(opts(maxBatchSize=4, preferredBatchSize=2, runs=2), dynamic_batch=True) == [(2, 2)]
+    assert tuning_cells(opts(maxBatchSize=8), dynamic_batch=False) == [(1, 1), (2, 1)]
+    assert tuning_cells(opts(maxBatchSize=1, runs=3), dynamic_batch=True) == [(3, 1)]
+
+
+# Measured on 2 CPU cores (ONNX Runtime 1.32, sequence 128 for MiniLM; rows/s).
+MINILM_INT8 = {
+    (1, 1): 164.8,
+    (2, 1): 228.4,
+    (1, 2): 196.0,
+    (2, 2): 240.0,
+    (1, 4): 208.0,
+    (2, 4): 236.8,
+    (1, 8): 201.6,
+    (2, 8): 220.8,
+}
+RESNET18 = {
+    (1, 1): 118.4,
+    (2, 1): 121.6,
+    (1, 2): 124.8,
+    (2, 2): 124.0,
+    (1, 4): 128.0,
+    (2, 4): 115.2,
+    (1, 8): 134.4,
+    (2, 8): 112.0,
+}
+
+
 @pytest.mark.parametrize(
     ("rates", "chosen"),
     [
-        ({1: 209.2, 2: 231.2, 4: 228.8, 8: 208.0}, 2),  # MiniLM int8 on 2 CPU cores (measured)
-        ({1: 120.4, 2: 126.4, 4: 131.2, 8: 134.4}, 4),  # resnet18: 4 is within 5% of 8
-        ({1: 100.0, 2: 150.0, 4: 300.0, 8: 600.0}, 8),  # a tiny model: bigger is always better
-        ({1: 50.0}, 1),
+        (MINILM_INT8, (2, 2)),  # two runs of 2 rows side by side
+        (RESNET18, (1, 8)),  # one run of the largest batch
+        ({(1, 1): 100.0, (1, 2): 150.0, (1, 4): 300.0}, (1, 4)),  # a tiny model: bigger is better
+        ({(1, 1): 100.0, (2, 1): 101.0, (1, 2): 99.0}, (1, 1)),  # nothing gains: fewest runs, smallest batch
+        ({(1, 1): 50.0}, (1, 1)),
     ],
 )
-def test_choose_batch_size_takes_the_smallest_near_best(rates: dict[int, float], chosen: int) -> None:
-    assert choose_batch_size(rates) == chosen
+def test_choose_execution_takes_the_fewest_runs_and_smallest_batch_near_the_best(
+    rates: dict[tuple[int, int], float], chosen: tuple[int, int]
+) -> None:
+    assert choose_execution(rates) == chosen
 
 
-def test_choose_batch_size_needs_a_measurement() -> None:
-    with pytest.raises(ValueError, match="no batch size"):
-        choose_batch_size({})
+def test_choose_execution_needs_a_measurement() -> None:
+    with pytest.raises(ValueError, match="no \\(runs, batch size\\) cell"):
+        choose_execution({})
 
 
-def test_measure_batch_sizes_gives_rows_per_second_for_each_size(linear: OnnxModel) -> None:
-    rates = linear.measure_batch_sizes([1, 2, 4], budget_seconds=0.3)
-    assert sorted(rates) == [1, 2, 4]
+def test_measure_throughput_gives_rows_per_second_for_each_cell(linear: OnnxModel) -> None:
+    rates = linear.measure_throughput([(1, 1), (2, 1), (1, 4)], budget_seconds=0.3)
+    assert sorted(rates) == [(1, 1), (1, 4), (2, 1)]
     assert all(rate > 0 for rate in rates.values())

@@ -466,7 +466,7 @@ def slow_server(serve_factory: ServeFactory, slow_model: Path) -> ServeProcess:
     """One request computes at a time (about 0.4 s), one more may wait."""
     return serve_factory(
         slow_model, "--max-batch-size", "1", "--max-queue-size", "1", "--intra-op-threads", "1",
-        "--warmup-requests", "1",
+        "--concurrent-runs", "1", "--warmup-requests", "1",
     )  # fmt: skip
 
 
@@ -534,6 +534,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(
         "--max-batch-size",
         "1",
         "--intra-op-threads",
+        "1",
+        "--concurrent-runs",
         "1",
         "--warmup-requests",
         "1",

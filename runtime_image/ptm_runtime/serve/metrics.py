@@ -110,6 +110,12 @@ class ServeMetrics:
             ["model"],
             registry=registry,
         )
+        self.concurrent_runs = Gauge(
+            "ptm_concurrent_runs",
+            "Batches the model runs at once (configured, or measured at load).",
+            ["model"],
+            registry=registry,
+        )
         self.provider_info = Gauge(
             "ptm_execution_provider_info",
             "The ONNX Runtime execution provider in use (value 1).",
@@ -147,11 +153,17 @@ class ServeMetrics:
         self._in_flight.inc(delta)
 
     def model_loaded(
-        self, provider: str, load_seconds: float, warmup_seconds: float, preferred_batch_size: int
+        self,
+        provider: str,
+        load_seconds: float,
+        warmup_seconds: float,
+        preferred_batch_size: int,
+        concurrent_runs: int,
     ) -> None:
         self.load_seconds.labels(self.model).set(load_seconds)
         self.warmup_seconds.labels(self.model).set(warmup_seconds)
         self.preferred_batch_size.labels(self.model).set(preferred_batch_size)
+        self.concurrent_runs.labels(self.model).set(concurrent_runs)
         self.provider_info.labels(self.model, provider).set(1)
 
     def set_ready(self, ready: bool) -> None:

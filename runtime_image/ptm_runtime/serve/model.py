@@ -9,10 +9,11 @@ call; the batcher and the data plane above it own queueing, validation and wire 
 
 from __future__ import annotations
 
+import functools
 import logging
-import statistics
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,32 +275,31 @@ class OnnxModel:
             feeds[t.name] = np.zeros(shape, dtype=t.dtype)
         return feeds
 
-    def measure_batch_sizes(self, sizes: Sequence[int], budget_seconds: float = 3.0) -> dict[int, float]:
-        """Rows per second at each batch size (median run time of a few runs on zero inputs).
+    def measure_throughput(
+        self, cells: Sequence[tuple[int, int]], budget_seconds: float = 3.0
+    ) -> dict[tuple[int, int], float]:
+        """Rows per second for each (concurrent runs, batch size) cell, on zero inputs.
 
-        Sizes are tried in the given order, each for about an equal share of the budget (at
-        least three timed runs after an untimed one); once the budget is spent, larger sizes are
-        not tried. A size whose run fails ends the measurement (what was measured is returned).
+        Each cell runs `runs` threads calling the session with batches of `size` rows for about
+        an equal share of the budget (every thread finishing at least two runs, after one
+        untimed run); once the budget is spent the remaining cells are skipped. A cell whose run
+        fails ends the measurement (what was measured is returned).
         """
-        rates: dict[int, float] = {}
-        share = budget_seconds / max(1, len(sizes))
+        rates: dict[tuple[int, int], float] = {}
+        share = budget_seconds / max(1, len(cells))
         started = time.perf_counter()
-        for size in sizes:
+        for runs, size in cells:
             if rates and time.perf_counter() - started > budget_seconds:
                 break
             feeds = self.sample_feeds(size)
             try:
                 self.infer(feeds)
-                times: list[float] = []
-                begun = time.perf_counter()
-                while len(times) < 3 or (time.perf_counter() - begun < share and len(times) < 50):
-                    t = time.perf_counter()
-                    self.infer(feeds)
-                    times.append(time.perf_counter() - t)
+                rates[(runs, size)] = size * _runs_per_second(
+                    functools.partial(self.infer, feeds), runs, share
+                )
             except Exception as exc:
-                log.warning("batch size %d could not be measured (stopping there): %s", size, exc)
+                log.warning("%d runs of batch %d could not be measured (stopping): %s", runs, size, exc)
                 break
-            rates[size] = size / max(statistics.median(times), 1e-9)
         return rates
 
     def warmup(self, requests: int, max_batch_size: int) -> float:
@@ -317,3 +317,29 @@ class OnnxModel:
                 log.warning("warm-up inference %d failed (continuing): %s", i, exc)
                 break
         return time.perf_counter() - started
+
+
+def _runs_per_second(call: Callable[[], object], threads: int, seconds: float) -> float:
+    """Completed calls per second with `threads` threads calling at once for about `seconds`
+    (each thread at least twice); the first exception of any thread is raised."""
+    counts = [0] * threads
+    errors: list[BaseException] = []
+    until = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        try:
+            while counts[i] < 2 or time.perf_counter() < until:
+                call()
+                counts[i] += 1
+        except BaseException as exc:  # reported to the caller below
+            errors.append(exc)
+
+    begun = time.perf_counter()
+    workers = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return sum(counts) / max(time.perf_counter() - begun, 1e-9)

@@ -23,7 +23,8 @@ from typing import Any
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from ptm_runtime.serve.batching import Batcher, batch_sizes_to_try, choose_batch_size
+from ptm_runtime.options import RuntimeOptions
+from ptm_runtime.serve.batching import Batcher, choose_execution, tuning_cells
 from ptm_runtime.serve.dataplane import DataPlane
 from ptm_runtime.serve.errors import ArtifactError
 from ptm_runtime.serve.metrics import ServeMetrics, metrics_app
@@ -32,6 +33,22 @@ from ptm_runtime.serve.rest import build_app
 from ptm_runtime.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
+
+
+def tune(model: OnnxModel, options: RuntimeOptions) -> tuple[int, int]:
+    """(concurrent runs, preferred batch size): as configured, or measured on the loaded model."""
+    cells = tuning_cells(options, model.dynamic_batch)
+    if len(cells) == 1:
+        return cells[0]
+    rates = model.measure_throughput(cells)
+    runs, size = choose_execution(rates)
+    log.info(
+        "rows/s by (concurrent runs, batch size): %s; chose %d run(s) at a time, batches of %d",
+        ", ".join(f"{r}x{b}: {rate:.1f}" for (r, b), rate in rates.items()),
+        runs,
+        size,
+    )
+    return runs, size
 
 
 @dataclass(frozen=True)
@@ -138,17 +155,7 @@ class Server:
         warmup = await loop.run_in_executor(
             None, model.warmup, s.options.warmup_requests, batching.max_batch_size
         )
-        preferred = batching.preferred_batch_size
-        if preferred is None and model.dynamic_batch and batching.max_batch_size > 1:
-            rates = await loop.run_in_executor(
-                None, model.measure_batch_sizes, batch_sizes_to_try(batching.max_batch_size)
-            )
-            preferred = choose_batch_size(rates)
-            log.info(
-                "rows/s by batch size: %s; batches close at %d rows",
-                ", ".join(f"{size}: {rate:.1f}" for size, rate in rates.items()),
-                preferred,
-            )
+        runs, preferred = await loop.run_in_executor(None, tune, model, s.options)
         batcher = Batcher(
             model.infer,
             max_batch_size=batching.max_batch_size,
@@ -156,11 +163,13 @@ class Server:
             max_queue_delay_ms=batching.max_queue_delay_ms,
             max_queue_size=batching.max_queue_size,
             batching=model.dynamic_batch,
-            concurrent_runs=s.options.concurrent_runs,
+            concurrent_runs=runs,
             metrics=self.metrics,
         )
         batcher.start()
-        self.metrics.model_loaded(model.provider, model.load_seconds, warmup, batcher.preferred_batch_size)
+        self.metrics.model_loaded(
+            model.provider, model.load_seconds, warmup, batcher.preferred_batch_size, batcher.concurrent_runs
+        )
         self.plane.attach(model, batcher)
         log.info(
             "model %r ready on %s (dynamic batching %s, batches of up to %d rows, requests of up to %d)",
