@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -259,3 +260,49 @@ def test_measure_throughput_gives_rows_per_second_for_each_cell(linear: OnnxMode
     rates = linear.measure_throughput([(1, 1), (2, 1), (1, 4)], budget_seconds=0.3)
     assert sorted(rates) == [(1, 1), (1, 4), (2, 1)]
     assert all(rate > 0 for rate in rates.values())
+
+
+def test_a_lone_batch_runs_on_every_thread_and_batches_side_by_side_on_one_each(linear: OnnxModel) -> None:
+    beside = linear.single_threaded()
+    assert beside is not None and beside.options.intra_op_threads == 1
+    calls: list[str] = []
+
+    def wide(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append("wide")
+        return linear.infer(feeds)
+
+    def narrow(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append("narrow")
+        return beside.infer(feeds)
+
+    async def main() -> None:
+        batcher = Batcher(
+            wide,
+            run_beside=narrow,
+            max_batch_size=4,
+            preferred_batch_size=1,
+            max_queue_delay_ms=0,
+            max_queue_size=64,
+            batching=True,
+            concurrent_runs=2,
+        )
+        batcher.start()
+        alone = await batcher.submit(_feeds(1, 0), 1, ("same",), timeout=10)
+        assert calls == ["wide"]
+        together = await asyncio.gather(
+            *(batcher.submit(_feeds(1, i), 1, ("same",), timeout=10) for i in range(1, 7))
+        )
+        assert await batcher.close(5)
+        for i, r in enumerate([alone, *together]):  # both sessions give the same answers
+            np.testing.assert_allclose(
+                r.outputs["y"], models.linear_reference(**_feeds(1, i))["y"], rtol=1e-6
+            )
+
+    asyncio.run(main())
+    assert calls.count("narrow") >= 1, calls
+
+
+def test_no_second_session_when_one_thread_is_all_a_run_has(tmp_path: Path) -> None:
+    options = RuntimeOptions.model_validate({"intraOpThreads": 1})
+    model = OnnxModel.load(models.linear(tmp_path / "linear.onnx"), options)
+    assert model.single_threaded() is None

@@ -4,7 +4,7 @@ One asyncio task forms batches; up to `concurrent_runs` worker threads run them 
 sessions are thread-safe and release the GIL, so the event loop keeps decoding and queueing while
 batches compute). A batch forms when a worker is free: whatever queued meanwhile joins it. Triton's semantics: the first request of a batch waits at most `maxQueueDelayMs` for
 others; the batch closes earlier when `preferredBatchSize` rows are reached (the batch size
-the model runs fastest at per row, measured at load by `choose_batch_size`; `maxBatchSize` is
+the model runs fastest at per row, measured at load by `choose_execution`; `maxBatchSize` is
 the most rows one request may carry). Requests are merged only
 when their non-batch dimensions agree (same signature key); others wait their turn in order.
 
@@ -72,9 +72,11 @@ class Batcher:
         batching: bool,
         concurrent_runs: int = 1,
         preferred_batch_size: int | None = None,
+        run_beside: RunFn | None = None,
         metrics: ServeMetrics | None = None,
     ) -> None:
         self._run = run
+        self._run_beside = run_beside or run
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
@@ -189,7 +191,10 @@ class Batcher:
             if not batch:
                 self._slots.release()
                 continue
-            task = loop.create_task(self._execute(batch))
+            # A lone batch runs with every thread; one that runs beside others, or with more
+            # queued behind it, takes the one-thread session (when there is one).
+            beside = bool(self._running or self._queue)
+            task = loop.create_task(self._execute(batch, self._run_beside if beside else self._run))
             self._running.add(task)
             self._batches[task] = batch
             task.add_done_callback(self._finished)
@@ -199,14 +204,14 @@ class Batcher:
         self._batches.pop(task, None)
         self._slots.release()
 
-    async def _execute(self, batch: list[_Pending]) -> None:
+    async def _execute(self, batch: list[_Pending], run: RunFn) -> None:
         loop = asyncio.get_running_loop()
         dispatched = time.monotonic()
         rows = sum(p.rows for p in batch)
         try:
             feeds = _concat([p.feeds for p in batch]) if len(batch) > 1 else batch[0].feeds
             started = time.perf_counter()
-            outputs = await loop.run_in_executor(self._executor, self._run, feeds)
+            outputs = await loop.run_in_executor(self._executor, run, feeds)
             compute = time.perf_counter() - started
             parts = _split(outputs, [p.rows for p in batch]) if len(batch) > 1 else [outputs]
         except ServeError as exc:

@@ -35,20 +35,23 @@ from ptm_runtime.serve.settings import ServeSettings
 log = logging.getLogger(__name__)
 
 
-def tune(model: OnnxModel, options: RuntimeOptions) -> tuple[int, int]:
-    """(concurrent runs, preferred batch size): as configured, or measured on the loaded model."""
+def tune(model: OnnxModel, options: RuntimeOptions) -> tuple[int, int, OnnxModel | None]:
+    """(concurrent runs, preferred batch size, the one-thread session for runs beside others):
+    as configured, or measured on the loaded model."""
     cells = tuning_cells(options, model.dynamic_batch)
+    beside = model.single_threaded() if any(runs > 1 for runs, _ in cells) else None
     if len(cells) == 1:
-        return cells[0]
-    rates = model.measure_throughput(cells)
-    runs, size = choose_execution(rates)
-    log.info(
-        "rows/s by (concurrent runs, batch size): %s; chose %d run(s) at a time, batches of %d",
-        ", ".join(f"{r}x{b}: {rate:.1f}" for (r, b), rate in rates.items()),
-        runs,
-        size,
-    )
-    return runs, size
+        runs, size = cells[0]
+    else:
+        rates = model.measure_throughput(cells, beside=beside)
+        runs, size = choose_execution(rates)
+        log.info(
+            "rows/s by (concurrent runs, batch size): %s; chose %d run(s) at a time, batches of %d",
+            ", ".join(f"{r}x{b}: {rate:.1f}" for (r, b), rate in rates.items()),
+            runs,
+            size,
+        )
+    return runs, size, beside if runs > 1 else None
 
 
 @dataclass(frozen=True)
@@ -155,9 +158,10 @@ class Server:
         warmup = await loop.run_in_executor(
             None, model.warmup, s.options.warmup_requests, batching.max_batch_size
         )
-        runs, preferred = await loop.run_in_executor(None, tune, model, s.options)
+        runs, preferred, beside = await loop.run_in_executor(None, tune, model, s.options)
         batcher = Batcher(
             model.infer,
+            run_beside=beside.infer if beside is not None else None,
             max_batch_size=batching.max_batch_size,
             preferred_batch_size=preferred,
             max_queue_delay_ms=batching.max_queue_delay_ms,
