@@ -471,7 +471,7 @@ class Server:
                 "--metrics-port",
                 str(self.metrics),
                 "--log-level",
-                "warning",
+                "info",  # no access log; the load-time tuning line lands in bench/.work/ptm-MODEL.log
                 *ptm_args,
             ]
         elif kind == "mlserver":
@@ -815,7 +815,7 @@ def main() -> None:
     parser.add_argument(
         "--ptm-args",
         nargs=argparse.REMAINDER,
-        default=["--max-batch-size", "8", "--max-queue-delay-ms", "0", "--max-queue-size", "1024"],
+        default=["--max-batch-size", "32", "--max-queue-delay-ms", "0", "--max-queue-size", "1024"],
         help="flags for ptm serve (must come last)",
     )
     parser.add_argument("--json", help="write the cells here as JSON")

@@ -257,7 +257,7 @@ def test_choose_execution_needs_a_measurement() -> None:
 
 
 def test_measure_throughput_gives_rows_per_second_for_each_cell(linear: OnnxModel) -> None:
-    rates = linear.measure_throughput([(1, 1), (2, 1), (1, 4)], budget_seconds=0.3)
+    rates = linear.measure_throughput([(1, 1), (2, 1), (1, 4)], seconds_per_cell=0.1)
     assert sorted(rates) == [(1, 1), (1, 4), (2, 1)]
     assert all(rate > 0 for rate in rates.values())
 

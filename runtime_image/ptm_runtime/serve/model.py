@@ -301,19 +301,20 @@ class OnnxModel:
     def measure_throughput(
         self,
         cells: Sequence[tuple[int, int]],
-        budget_seconds: float = 3.0,
+        seconds_per_cell: float = 0.25,
+        budget_seconds: float = 10.0,
         beside: OnnxModel | None = None,
     ) -> dict[tuple[int, int], float]:
         """Rows per second for each (concurrent runs, batch size) cell, on zero inputs.
 
         A cell of one run uses this session; more runs use `beside` (see single_threaded) when
-        given. Each cell runs `runs` threads calling the session with batches of `size` rows for about
-        an equal share of the budget (every thread finishing at least two runs, after one
-        untimed run); once the budget is spent the remaining cells are skipped. A cell whose run
-        fails ends the measurement (what was measured is returned).
+        given. Each cell runs `runs` threads calling the session with batches of `size` rows for
+        about `seconds_per_cell` (every thread finishing at least two runs, after one untimed
+        run); once `budget_seconds` are spent the remaining cells are skipped (a large model's
+        largest batches). A cell whose run fails ends the measurement (what was measured is
+        returned).
         """
         rates: dict[tuple[int, int], float] = {}
-        share = budget_seconds / max(1, len(cells))
         started = time.perf_counter()
         for runs, size in cells:
             if rates and time.perf_counter() - started > budget_seconds:
@@ -322,7 +323,9 @@ class OnnxModel:
             infer = beside.infer if beside is not None and runs > 1 else self.infer
             try:
                 infer(feeds)
-                rates[(runs, size)] = size * _runs_per_second(functools.partial(infer, feeds), runs, share)
+                rates[(runs, size)] = size * _runs_per_second(
+                    functools.partial(infer, feeds), runs, seconds_per_cell
+                )
             except Exception as exc:
                 log.warning("%d runs of batch %d could not be measured (stopping): %s", runs, size, exc)
                 break
