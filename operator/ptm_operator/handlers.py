@@ -1,8 +1,15 @@
 """Thin kopf handlers: parse -> observe -> plan -> apply -> status. Decisions live in planning.py.
 
-Every handler and the health timer run the same `reconcile()`; all state is in the resource's
-status and its children, so killing the operator at any point and starting it again converges
-to the same result (server-side apply with deterministic names never duplicates a child).
+kopf watches; the operator's own work queue reconciles. A model is queued when it appears
+(listed at start-up, or ADDED), when it changes where planning looks, when one of its children
+changes, when its health timer ticks, and when a plan waits for time (a canary's pause). All
+state is in the resource's status and its children, so killing the operator at any point and
+starting it again converges to the same result (server-side apply with deterministic names
+never duplicates a child).
+
+No kopf change handlers: they wrote a diff-base annotation on every model and ran only after
+kopf's finalizer patch came back on the watch (measured at N=1000: a new model's first
+reconcile 35-71 s after its creation). kopf still adds its finalizer, for the health timer.
 
 Reconciles read nothing from the API server in the common case: kopf's watch streams of the
 models and of the operator's Jobs, Deployments and pods feed in-memory caches (children.py),
@@ -92,7 +99,7 @@ def utcnow() -> dt.datetime:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Progress and diff-base in annotations (the CRD's structural status has no kopf fields)."""
+    """kopf's own state (a timer's retries) in annotations: the CRD's structural status has no kopf fields."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
@@ -114,18 +121,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 def stop_work(**_: Any) -> None:
     """Stop the work queue before kopf and the interpreter shut down the pools it uses."""
     child_queue().close()
-
-
-def parse_or_fail(body: kopf.Body, patch: kopf.Patch) -> PretrainedModel:
-    """Parse the object; an invalid one gets an InvalidSpec condition and a PermanentError."""
-    try:
-        return PretrainedModel.from_body(body)
-    except ValidationError as exc:
-        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-        conditions = [Condition.model_validate(c) for c in (body.get("status") or {}).get("conditions", [])]
-        conditions = set_condition(conditions, "Ready", False, "InvalidSpec", message, now=utcnow())
-        patch.status["conditions"] = [c.wire() for c in conditions]
-        raise kopf.PermanentError(f"invalid spec: {message}") from exc
 
 
 @functools.cache
@@ -176,14 +171,6 @@ _locks_guard = threading.Lock()
 def _lock_for(key: str) -> threading.Lock:
     with _locks_guard:
         return _locks.setdefault(key, threading.Lock())
-
-
-def reconcile(body: kopf.Body, patch: kopf.Patch) -> Plan | None:
-    """Reconcile the resource a kopf handler was called for (see reconcile_named)."""
-    parse_or_fail(body, patch)
-    model_cache().offer(dict(body))
-    meta = body.get("metadata", {})
-    return reconcile_named(meta.get("namespace") or "default", meta["name"], wait=True)
 
 
 class _Stale(Exception):
@@ -247,7 +234,9 @@ def _reconcile_once(namespace: str, name: str) -> Plan | None:
             cache.offer(body)
         try:
             model = PretrainedModel.from_body(body)
-        except ValidationError:  # InvalidSpec: the change handlers reported it, nothing to do
+        except ValidationError as exc:
+            _report_invalid_spec(body, exc)
+            metrics().reconcile_done("settled", time.monotonic() - started)
             return None
         if model.metadata.deletion_timestamp is not None:
             return None
@@ -274,6 +263,31 @@ def _reconcile_once(namespace: str, name: str) -> Plan | None:
     return result
 
 
+def _report_invalid_spec(body: dict[str, Any], exc: ValidationError) -> None:
+    """Ready=False, reason InvalidSpec, naming the fields (a manifest the CRD schema admitted but
+    the models refuse, e.g. written before a validation rule existed). Nothing else is done
+    until the spec changes."""
+    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+    meta = body.get("metadata", {})
+    log.warning("%s/%s: invalid spec: %s", meta.get("namespace"), meta.get("name"), message)
+    old = [Condition.model_validate(c) for c in (body.get("status") or {}).get("conditions", [])]
+    conditions = set_condition(old, "Ready", False, "InvalidSpec", message, now=utcnow())
+    if conditions == old:
+        return
+    try:
+        stored = kube().patch_status(
+            meta.get("namespace") or "default",
+            meta["name"],
+            {"conditions": [c.wire() for c in conditions]},
+            meta.get("resourceVersion"),
+        )
+    except ApiException as exc:
+        if exc.status in (404, 409):  # gone, or changed: its next event queues it again
+            return
+        raise
+    model_cache().offer(stored)
+
+
 def _write_status(
     model: PretrainedModel, planned_from: dict[str, Any], status: dict[str, Any]
 ) -> dict[str, Any] | None:
@@ -282,18 +296,24 @@ def _write_status(
     A conflict whose fresh body differs from the planned one only where planning never looks
     (kopf's finalizer and annotations, managedFields) is retried with the new resourceVersion;
     any other difference raises _Stale and the reconcile plans again from the fresh body.
+
+    A model's first status (planned from a body without one) is written on its uid alone: only
+    this operator writes status, and kopf's finalizer patch lands between the model's creation
+    and its first reconcile so often (most new models at N=1000) that a conditional first write
+    would mostly cost a 409, a GET and a second PATCH.
     """
     k = kube()
-    rv = model.metadata.resource_version
+    ns, name = model.metadata.namespace or "default", model.metadata.name
+    rv = model.metadata.resource_version if planned_from.get("status") else None
     for _ in range(STALE_RETRIES):
         try:
-            return k.patch_status(model, status, rv)
+            return k.patch_status(ns, name, status, rv, uid=model.metadata.uid)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             if exc.status != 409:
                 raise
-        fresh = k.get_model_body(model.metadata.namespace or "default", model.metadata.name)
+        fresh = k.get_model_body(ns, name)
         if fresh is None:
             return None
         model_cache().offer(fresh)
@@ -307,33 +327,23 @@ def key_of(model: PretrainedModel) -> str:
     return f"{model.metadata.namespace or 'default'}/{model.metadata.name}"
 
 
-#: Retry delay after an unexpected error (API conflicts, 5xx): kopf's default is a minute.
+#: Retry delay after an unexpected error (API conflicts, 5xx).
 ERROR_BACKOFF = 5.0
-
-
-@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile", backoff=ERROR_BACKOFF)
-@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile", backoff=ERROR_BACKOFF)
-@kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile", backoff=ERROR_BACKOFF)
-def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    result = reconcile(body, patch)
-    # Waiting for a child (a Job, pods) needs no retry here: the child's events wake the
-    # resource (child_changed). Only a wait for time (a pause, an interval) holds the handler.
-    if result is not None and result.timed and result.requeue_after is not None:
-        raise kopf.TemporaryError(result.waiting_for or "waiting", delay=result.requeue_after)
 
 
 _MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
 
 
 class WorkQueue:
-    """Models to reconcile because a child changed (urgent) or their health timer ticked
-    (routine): each queued once (a burst of events for one model is one entry, see
-    workqueue.Keys) and served by a few threads, so event handlers return at once and memory
-    stays bounded by the number of models, whatever the event rate.
+    """Models to reconcile because they or a child changed (urgent), their health timer ticked
+    (routine) or a wait for time ended (urgent, when due): each queued once (a burst of events
+    for one model is one entry, see workqueue.Keys) and served by a few threads, so event
+    handlers return at once and memory stays bounded by the number of models, whatever the
+    event rate.
 
     The threads start serving once the queue is opened: kopf calls no resource handler before
     every kind's initial listing is indexed, and the first handler call opens it. Until then
-    the caches are being filled, and kopf's resume handlers reconcile every model anyway.
+    the caches are being filled; the models' own listing queues every one of them.
     """
 
     def __init__(self, workers: int) -> None:
@@ -359,6 +369,11 @@ class WorkQueue:
             if self._keys.add((namespace, name), urgent):
                 self._ready.notify()
 
+    def add_after(self, namespace: str, name: str, seconds: float) -> None:
+        with self._ready:
+            self._keys.add_later((namespace, name), time.monotonic() + seconds)
+            self._ready.notify()
+
     def __len__(self) -> int:
         with self._ready:
             return len(self._keys)
@@ -367,16 +382,23 @@ class WorkQueue:
         self._open.wait()
         while not self._closed:
             with self._ready:
-                key = self._keys.pop()
+                key = self._keys.pop(time.monotonic())
                 while key is None and not self._closed:
-                    self._ready.wait()
-                    key = self._keys.pop()
+                    due = self._keys.next_due()
+                    self._ready.wait(None if due is None else max(0.0, due - time.monotonic()))
+                    key = self._keys.pop(time.monotonic())
                 if key is None:
                     return
             try:
-                reconcile_named(*key, wait=False)
-            except Exception:  # the next event or the health timer tries again
-                log.exception("reconcile of %s/%s failed", *key)
+                result = reconcile_named(*key, wait=False)
+            except Exception:
+                log.exception("reconcile of %s/%s failed; again in %.0f s", *key, ERROR_BACKOFF)
+                self.add_after(*key, ERROR_BACKOFF)
+                continue
+            # Waiting for a child (a Job, pods) needs no retry: the child's events queue the
+            # model. Only a wait for time (a pause, an interval) is queued for later.
+            if result is not None and result.timed and result.requeue_after is not None:
+                self.add_after(*key, result.requeue_after)
 
 
 @functools.cache
@@ -430,17 +452,29 @@ async def child_event(body: kopf.Body, type: str | None, resource: kopf.Resource
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def model_event(body: kopf.Body, type: str | None, **_: Any) -> None:
-    """Keep the newest body of every model (reconciles plan from it instead of a GET).
+    """Keep the newest body of every model (reconciles plan from it instead of a GET) and queue
+    the model when it is new or changed where planning looks.
 
-    New models are not queued here: a reconcile started before kopf's finalizer write comes
-    back would find its status write conditional on a stale resourceVersion (measured: a
-    conflict for most new models at N=1000, and no earlier first reconcile).
+    The echoes of the operator's own status writes (already cached from the write's response)
+    and of kopf's finalizer patch queue nothing. The listing at start-up (type None) queues every
+    model behind children's changes.
     """
-    child_queue().open()
+    queue = child_queue()
+    queue.open()
+    current = dict(body)
     if type == "DELETED":
-        model_cache().forget(dict(body))
-    else:
-        model_cache().offer(dict(body))
+        model_cache().forget(current)
+        return
+    cache = model_cache()
+    meta = current.get("metadata", {})
+    key = (meta.get("namespace") or "default", meta["name"])
+    previous = cache.get(*key)
+    if not cache.offer(current):
+        return
+    if type is None:
+        queue.add(*key, urgent=False)
+    elif previous is None or not same_for_planning(previous, current):
+        queue.add(*key)
 
 
 @kopf.timer(

@@ -68,11 +68,10 @@ def _path(api_version: str, kind: str, namespace: str, name: str | None = None) 
     return f"{path}/{name}" if name else path
 
 
-def _model_path(model: PretrainedModel) -> str:
+def _model_path(namespace: str, name: str) -> str:
     from ptm_operator import GROUP, PLURAL, VERSION
 
-    ns = model.metadata.namespace or "default"
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{model.metadata.name}"
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
 
 
 def resource_of(path: str) -> str:
@@ -324,18 +323,27 @@ class Kube:
             log.warning("cannot post Event %s on %s/%s: %s", reason, ns, model.metadata.name, exc.reason)
 
     def patch_status(
-        self, model: PretrainedModel, status: dict[str, Any], resource_version: str | None = None
+        self,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
+        resource_version: str | None = None,
+        uid: str | None = None,
     ) -> dict[str, Any]:
         """Merge-patch the status subresource (nulls clear fields); returns the object as stored.
 
         With `resource_version` the write is conditional: the API server answers 409 when the
         object changed since (the status was planned from a body that is no longer current).
+        With `uid` only, it applies to that object whatever else changed (not to a namesake
+        created after a deletion).
         """
         body: dict[str, Any] = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
+        elif uid:
+            body["metadata"] = {"uid": uid}
         stored: dict[str, Any] = self._request(
-            "PATCH", _model_path(model) + "/status", "application/merge-patch+json", body, []
+            "PATCH", _model_path(namespace, name) + "/status", "application/merge-patch+json", body, []
         )
         return stored
 
@@ -343,7 +351,11 @@ class Kube:
         """Remove annotations of the model; returns the object as stored."""
         body = {"metadata": {"annotations": dict.fromkeys(keys)}}
         stored: dict[str, Any] = self._request(
-            "PATCH", _model_path(model), "application/merge-patch+json", body, []
+            "PATCH",
+            _model_path(model.metadata.namespace or "default", model.metadata.name),
+            "application/merge-patch+json",
+            body,
+            [],
         )
         return stored
 

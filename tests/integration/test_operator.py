@@ -84,6 +84,11 @@ def test_conversion_then_gpu_serving_then_ready(cluster: Cluster, namespace: str
     assert nodes == {f"pool-{namespace}"[:63]}  # the test's kwok GPU node
     for kind in ("service/resnet50", "pdb/resnet50", "hpa/resnet50"):
         assert cluster.kubectl("get", kind, "-n", namespace, check=False).returncode == 0, kind
+    # The operator's own queue reconciles: no kopf change handlers, so no diff-base or progress
+    # annotations are written on the model (kopf's finalizer, for the health timer, stays).
+    meta = get(cluster, namespace, "pretrainedmodels", "resnet50")["metadata"]
+    assert not [k for k in meta.get("annotations", {}) if k.startswith("ptm.dev/")], meta["annotations"]
+    assert meta.get("finalizers")
 
 
 def test_failed_validation_keeps_previous_revision_and_serving_change_does_not_reconvert(
