@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -110,6 +111,9 @@ class Kube:
         self._keda: bool | None = None
         self._goldens: dict[str, Any] = {}
         self._applied: dict[str, tuple[str, float]] = {}
+        self._applying: dict[str, str] = {}
+        """path -> digest of applies in flight (a slow one is not sent twice)."""
+        self._apply_lock = threading.Lock()
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -423,21 +427,32 @@ class Kube:
     def apply(self, manifest: dict[str, Any]) -> bool:
         """Server-side apply (force: the operator owns the fields it sets); False when skipped.
 
-        The same manifest applied within APPLY_TTL_SECONDS is skipped: a reconcile that changes
-        nothing then costs no writes. The TTL bounds how long a child changed or deleted behind
-        the operator's back stays so (Jobs and Deployments it observes are re-applied at once).
+        The same manifest applied within APPLY_TTL_SECONDS, or being applied right now, is
+        skipped: a reconcile that changes nothing then costs no writes. The TTL bounds how long a
+        child changed or deleted behind the operator's back stays so (Jobs and Deployments it
+        observes are re-applied at once).
         """
         meta = manifest["metadata"]
         path = _path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
         text = json.dumps(manifest, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()
         now = time.monotonic()
-        last = self._applied.get(path)
-        if last is not None and last[0] == digest and now - last[1] < APPLY_TTL_SECONDS:
-            return False
-        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
-        self._request("PATCH", path, "application/apply-patch+yaml", text, query)
-        self._applied[path] = (digest, now)
+        with self._apply_lock:
+            last = self._applied.get(path)
+            if last is not None and last[0] == digest and now - last[1] < APPLY_TTL_SECONDS:
+                return False
+            if self._applying.get(path) == digest:
+                return False
+            self._applying[path] = digest
+        try:
+            query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+            self._request("PATCH", path, "application/apply-patch+yaml", text, query)
+            with self._apply_lock:
+                self._applied[path] = (digest, now)
+        finally:
+            with self._apply_lock:
+                if self._applying.get(path) == digest:
+                    del self._applying[path]
         return True
 
     def forget_missing(
