@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 #: How long an applied manifest is trusted before it is applied again unchanged (drift repair).
 APPLY_TTL_SECONDS = 300.0
 
+#: How long an apply waits for the same one in flight on another thread before sending its own.
+APPLY_WAIT_SECONDS = 60.0
+
 #: apiVersion/kind -> (path prefix, plural) for the kinds the operator manages.
 _KINDS: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "Pod"): ("/api/v1", "pods"),
@@ -111,8 +114,8 @@ class Kube:
         self._keda: bool | None = None
         self._goldens: dict[str, Any] = {}
         self._applied: dict[str, tuple[str, float]] = {}
-        self._applying: dict[str, str] = {}
-        """path -> digest of applies in flight (a slow one is not sent twice)."""
+        self._applying: dict[str, tuple[str, threading.Event]] = {}
+        """path -> (digest, set when done) of applies in flight: a slow one is not sent twice."""
         self._apply_lock = threading.Lock()
 
     # --- reads -------------------------------------------------------------------------------
@@ -427,23 +430,27 @@ class Kube:
     def apply(self, manifest: dict[str, Any]) -> bool:
         """Server-side apply (force: the operator owns the fields it sets); False when skipped.
 
-        The same manifest applied within APPLY_TTL_SECONDS, or being applied right now, is
-        skipped: a reconcile that changes nothing then costs no writes. The TTL bounds how long a
-        child changed or deleted behind the operator's back stays so (Jobs and Deployments it
-        observes are re-applied at once).
+        The same manifest applied within APPLY_TTL_SECONDS is skipped: a reconcile that changes
+        nothing then costs no writes. The TTL bounds how long a child changed or deleted behind
+        the operator's back stays so (Jobs and Deployments it observes are re-applied at once).
+        The same manifest being applied by another thread is waited for, not sent twice.
         """
         meta = manifest["metadata"]
         path = _path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
         text = json.dumps(manifest, sort_keys=True)
         digest = hashlib.sha256(text.encode()).hexdigest()
-        now = time.monotonic()
-        with self._apply_lock:
-            last = self._applied.get(path)
-            if last is not None and last[0] == digest and now - last[1] < APPLY_TTL_SECONDS:
-                return False
-            if self._applying.get(path) == digest:
-                return False
-            self._applying[path] = digest
+        while True:
+            now = time.monotonic()
+            with self._apply_lock:
+                last = self._applied.get(path)
+                if last is not None and last[0] == digest and now - last[1] < APPLY_TTL_SECONDS:
+                    return False
+                running = self._applying.get(path)
+                if running is None or running[0] != digest:
+                    done = threading.Event()
+                    self._applying[path] = (digest, done)
+                    break
+            running[1].wait(APPLY_WAIT_SECONDS)  # then applied (skipped above) or failed (sent again)
         try:
             query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
             self._request("PATCH", path, "application/apply-patch+yaml", text, query)
@@ -451,8 +458,9 @@ class Kube:
                 self._applied[path] = (digest, now)
         finally:
             with self._apply_lock:
-                if self._applying.get(path) == digest:
+                if self._applying.get(path, (None,))[0] == digest:
                     del self._applying[path]
+            done.set()
         return True
 
     def forget_missing(
