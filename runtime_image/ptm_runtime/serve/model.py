@@ -193,6 +193,10 @@ class OnnxModel:
         self.dynamic_batch = all(t.shape and t.shape[0] == -1 for t in (*self.inputs, *self.outputs))
         self.io_binding = self.provider in _DEVICE_PROVIDERS if io_binding is None else io_binding
         self._device = "cuda" if self.provider in _DEVICE_PROVIDERS else "cpu"
+        self._release_memory = ort.RunOptions()
+        self._release_memory.add_run_config_entry(
+            "memory.enable_memory_arena_shrinkage", "cpu:0;gpu:0" if self._device == "cuda" else "cpu:0"
+        )
 
     @classmethod
     def load(
@@ -265,12 +269,18 @@ class OnnxModel:
         )
         return OnnxModel(session, self.artifact, options, load_seconds=time.perf_counter() - started)
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the session on complete feeds; returns every output by name."""
+    def infer(self, feeds: Mapping[str, np.ndarray], release_memory: bool = False) -> dict[str, np.ndarray]:
+        """Run the session on complete feeds; returns every output by name.
+
+        `release_memory`: give the memory arena's unused chunks back after the run (after warm-up
+        and tuning runs of the largest batches; measured: MiniLM fp32 at 32 rows left the process
+        at 303 MB without it, 212 MB with it, the next batches of 2 rows not growing it again).
+        """
+        run_options = self._release_memory if release_memory else None
         try:
             if self.io_binding:
-                return self._infer_bound(feeds)
-            values = self.session.run(self.output_names, dict(feeds))
+                return self._infer_bound(feeds, run_options)
+            values = self.session.run(self.output_names, dict(feeds), run_options)
         except Exception as exc:
             # ONNX Runtime's InvalidArgument is a shape the model cannot take (e.g. a sequence
             # longer than its position table): the client's fault, not the server's.
@@ -279,13 +289,15 @@ class OnnxModel:
             raise
         return dict(zip(self.output_names, values, strict=True))
 
-    def _infer_bound(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer_bound(
+        self, feeds: Mapping[str, np.ndarray], run_options: ort.RunOptions | None
+    ) -> dict[str, np.ndarray]:
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name in self.output_names:
             binding.bind_output(name, self._device)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, run_options)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
 
     def sample_feeds(self, batch: int = 1) -> dict[str, np.ndarray]:
@@ -329,7 +341,16 @@ class OnnxModel:
             except Exception as exc:
                 log.warning("%d runs of batch %d could not be measured (stopping): %s", runs, size, exc)
                 break
+        for model in {self, beside or self}:  # what the largest batches left in the arenas
+            model.release_memory()
         return rates
+
+    def release_memory(self) -> None:
+        """One small run that gives the memory arena's unused chunks back (see infer)."""
+        try:
+            self.infer(self.sample_feeds(1), release_memory=True)
+        except Exception as exc:  # zero inputs may not suit every model; only memory is at stake
+            log.warning("could not release the memory arena: %s", exc)
 
     def warmup(self, requests: int, max_batch_size: int) -> float:
         """Run `requests` inferences (alternating batch 1 and the largest batch); returns seconds.
@@ -341,7 +362,7 @@ class OnnxModel:
         sizes = [1, max_batch_size] if self.dynamic_batch and max_batch_size > 1 else [1]
         for i in range(requests):
             try:
-                self.infer(self.sample_feeds(sizes[i % len(sizes)]))
+                self.infer(self.sample_feeds(sizes[i % len(sizes)]), release_memory=i == requests - 1)
             except Exception as exc:
                 log.warning("warm-up inference %d failed (continuing): %s", i, exc)
                 break
