@@ -321,8 +321,8 @@ class OnnxModel:
 
         A cell of one run uses this session; more runs use `beside` (see single_threaded) when
         given. Each cell runs `runs` threads calling the session with batches of `size` rows for
-        about `seconds_per_cell` (every thread finishing at least two runs, after one untimed
-        run); once `budget_seconds` are spent the remaining cells are skipped (a large model's
+        about `seconds_per_cell` (every thread finishing at least two runs, after two untimed
+        runs); once `budget_seconds` are spent the remaining cells are skipped (a large model's
         largest batches). A cell whose run fails ends the measurement (what was measured is
         returned).
         """
@@ -334,7 +334,8 @@ class OnnxModel:
             feeds = self.sample_feeds(size)
             infer = beside.infer if beside is not None and runs > 1 else self.infer
             try:
-                infer(feeds)
+                infer(feeds)  # twice untimed: a new, larger batch's first two runs grow the arena
+                infer(feeds)  # (measured: resnet18 at 32 rows 126, 131, then 147 rows/s)
                 rates[(runs, size)] = size * _runs_per_second(
                     functools.partial(infer, feeds), runs, seconds_per_cell
                 )
