@@ -326,7 +326,7 @@ class BatchingOptions(Options):
     preferred_batch_size: int | None = Field(default=None, ge=1, le=1024)
     """Rows at which a forming batch closes (at most maxBatchSize). Unset: measured when the
     model loads (1, 2, 4, ... maxBatchSize rows, with concurrentRuns when that is unset too):
-    the smallest size whose rows per second come within 3% of the best (on CPUs a transformer
+    the smallest size whose rows per second come within 1% of the best (on CPUs a transformer
     often runs fastest at 2-4 rows, a CNN at the largest batch)."""
     max_queue_delay_ms: float = Field(default=5.0, ge=0, le=10000)
     """How long the first queued request waits for others to join its batch."""
