@@ -101,9 +101,6 @@ def utcnow() -> dt.datetime:
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """kopf's own state (a timer's retries) in annotations: the CRD's structural status has no kopf fields."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
     settings.posting.level = logging.WARNING  # Events come from plans, few and stable
     settings.scanning.disabled = True  # the CRD is installed by the chart; no cluster-wide CRD watch
     settings.execution.max_workers = 16
@@ -308,17 +305,18 @@ def _report_invalid_spec(body: dict[str, Any], exc: ValidationError) -> None:
     conditions = set_condition(old, "Ready", False, "InvalidSpec", message, now=utcnow())
     if conditions == old:
         return
-    try:
+    try:  # conditional like _write_status (on the uid alone for a model's first status)
         stored = kube().patch_status(
             meta.get("namespace") or "default",
             meta["name"],
             {"conditions": [c.wire() for c in conditions]},
-            meta.get("resourceVersion"),
+            meta.get("resourceVersion") if body.get("status") else None,
+            uid=meta.get("uid"),
         )
     except ApiException as exc:
-        if exc.status in (404, 409):  # gone, or changed: its next event queues it again
+        if exc.status == 404:
             return
-        raise
+        raise  # a 409: the work queue tries again from the fresh body in ERROR_BACKOFF
     model_cache().offer(stored)
 
 
