@@ -129,8 +129,8 @@ def apply_pool() -> ThreadPoolExecutor:
 
 @functools.cache
 def background_pool() -> ThreadPoolExecutor:
-    """Applies no reconcile waits for (BACKGROUND_KINDS); apart from apply_pool, so that a burst
-    of them never queues a reconcile's own applies."""
+    """Applies of BACKGROUND_KINDS, apart from apply_pool, so that a burst of slow Service
+    creations never queues a reconcile's Jobs and Deployments."""
     return ThreadPoolExecutor(max_workers=16, thread_name_prefix="ptm-apply-bg")
 
 
@@ -147,12 +147,13 @@ def _post_event(model: PretrainedModel, type_: str, reason: str, message: str) -
         log.warning("cannot post Event %s on %s", reason, key_of(model), exc_info=True)
 
 
-#: Kinds applied in the background while no revision serves yet: nothing the reconcile decides
-#: next depends on them, and a Service's creation (its ClusterIP allocated) took 3 s, median, on
-#: the benchmark's loaded API server at N=1000, which held a work-queue thread for each new
-#: model on its way to the Job. Once a revision serves they are applied inline (waiting for one
-#: still in flight), so Ready never precedes the Service. A failed background apply is logged
-#: and sent again by the next reconcile.
+#: Kinds applied on their own pool: a Service's creation (its ClusterIP allocated) took 2.4-3 s
+#: on average on the benchmark's loaded API server at N=1000; on the reconcile's own pool it held
+#: a work-queue thread for each new model on its way to the Job and, a thousand at a time, queued
+#: the Deployments behind it. While no revision serves nothing waits for them (a failure is
+#: logged and sent again by the next reconcile); once one serves, the reconcile waits for them
+#: after its other applies (and for the same apply still in flight), so Ready never precedes the
+#: Service.
 BACKGROUND_KINDS = frozenset({"Service", "PodDisruptionBudget"})
 
 
@@ -175,15 +176,20 @@ def carry_out(model: PretrainedModel, result: Plan) -> None:
     k = kube()
     ns = model.metadata.namespace or "default"
     serving = result.status.stable_revision is not None
-    waited = [m for m in result.apply if serving or m["kind"] not in BACKGROUND_KINDS]
-    for manifest in result.apply:
-        if not serving and manifest["kind"] in BACKGROUND_KINDS:
-            background_pool().submit(_apply_in_background, manifest)
-    if len(waited) > 1:
-        list(apply_pool().map(_apply, waited))
+    inline = [m for m in result.apply if m["kind"] not in BACKGROUND_KINDS]
+    background = [
+        background_pool().submit(_apply if serving else _apply_in_background, m)
+        for m in result.apply
+        if m["kind"] in BACKGROUND_KINDS
+    ]
+    if len(inline) > 1:
+        list(apply_pool().map(_apply, inline))
     else:
-        for manifest in waited:
+        for manifest in inline:
             _apply(manifest)
+    if serving:  # Ready is written after this: never before the Service exists
+        for future in background:
+            future.result()
     for gone in result.delete:
         k.delete(gone.api_version, gone.kind, ns, gone.name)
     if result.route is not None:
