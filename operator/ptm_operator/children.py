@@ -404,7 +404,8 @@ class ChildIndex:
 # --- models -------------------------------------------------------------------------------------
 
 
-def _key(body: dict[str, Any]) -> tuple[str, str]:
+def model_key(body: dict[str, Any]) -> tuple[str, str]:
+    """(namespace, name) of a model body."""
     meta = body.get("metadata") or {}
     return str(meta.get("namespace") or "default"), str(meta.get("name"))
 
@@ -417,7 +418,8 @@ def _rv(body: dict[str, Any]) -> int | None:
         return None
 
 
-#: Annotations kopf keeps on the model that planning never reads (the diff-base repeats the spec).
+#: Annotations kopf keeps on the model that planning never reads (the diff-base repeats the
+#: spec; no longer written, but models last handled by an earlier operator still carry it).
 _KOPF_ANNOTATIONS = ("kopf.zalando.org/", "ptm.dev/last-handled-configuration")
 
 
@@ -470,7 +472,18 @@ class ModelCache:
 
     def offer(self, body: dict[str, Any]) -> bool:
         """Keep `body` unless a newer version is cached; True when it is newer than the cached."""
-        key = _key(body)
+        return self._offer(body)[0]
+
+    def offer_changed(self, body: dict[str, Any]) -> bool:
+        """offer(), True only when `body` is newer and plans differently from the cached one (or
+        none was cached): the echo of the operator's own status write, or of a patch of kopf's
+        finalizer, is not a change."""
+        newer, previous = self._offer(body)
+        return newer and (previous is None or not same_for_planning(previous, body))
+
+    def _offer(self, body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+        """(newer than the cached, the body cached before)."""
+        key = model_key(body)
         new = _rv(body)
         with self._lock:
             cached = self._bodies.get(key)
@@ -480,11 +493,11 @@ class ModelCache:
                     # The same version from the watch: keep the event's copy, which kopf holds
                     # too (timers keep the latest body), and let the write response's go.
                     self._bodies[key] = compact_model(body)
-                return False
+                return False, cached
             self._bodies[key] = compact_model(body)
             self._gone.pop(key, None)
             self._names[(key[0], dns_name(key[1]))] = key[1]
-        return True
+        return True, cached
 
     def name_for(self, namespace: str, label: str) -> str:
         """The name of the model whose children carry `label` (the label itself when unknown)."""
@@ -497,7 +510,7 @@ class ModelCache:
 
     def forget(self, body: dict[str, Any]) -> None:
         """A model was deleted (`body`: its last state)."""
-        key = _key(body)
+        key = model_key(body)
         rv = _rv(body)
         with self._lock:
             self._bodies.pop(key, None)

@@ -42,6 +42,7 @@ from ptm_operator.children import (
     POD,
     ChildIndex,
     ModelCache,
+    model_key,
     same_for_planning,
     wakes_owner,
 )
@@ -300,6 +301,15 @@ def _reconcile_once(namespace: str, name: str) -> Plan | None:
     return result
 
 
+def status_precondition(body: dict[str, Any]) -> str | None:
+    """The resourceVersion a status write planned from `body` is conditional on; None for a
+    model's first status (written on its uid alone: only this operator writes status, and kopf's
+    finalizer patch lands between a model's creation and its first reconcile so often, most new
+    models at N=1000, that a conditional first write would mostly cost a 409, a GET and a
+    second PATCH)."""
+    return (body.get("metadata") or {}).get("resourceVersion") if body.get("status") else None
+
+
 def _report_invalid_spec(body: dict[str, Any], exc: ValidationError) -> None:
     """Ready=False, reason InvalidSpec, naming the fields (a manifest the CRD schema admitted but
     the models refuse, e.g. written before a validation rule existed). Nothing else is done
@@ -311,12 +321,11 @@ def _report_invalid_spec(body: dict[str, Any], exc: ValidationError) -> None:
     conditions = set_condition(old, "Ready", False, "InvalidSpec", message, now=utcnow())
     if conditions == old:
         return
-    try:  # conditional like _write_status (on the uid alone for a model's first status)
+    try:
         stored = kube().patch_status(
-            meta.get("namespace") or "default",
-            meta["name"],
+            *model_key(body),
             {"conditions": [c.wire() for c in conditions]},
-            meta.get("resourceVersion") if body.get("status") else None,
+            status_precondition(body),
             uid=meta.get("uid"),
         )
     except ApiException as exc:
@@ -333,16 +342,12 @@ def _write_status(
 
     A conflict whose fresh body differs from the planned one only where planning never looks
     (kopf's finalizer and annotations, managedFields) is retried with the new resourceVersion;
-    any other difference raises _Stale and the reconcile plans again from the fresh body.
-
-    A model's first status (planned from a body without one) is written on its uid alone: only
-    this operator writes status, and kopf's finalizer patch lands between the model's creation
-    and its first reconcile so often (most new models at N=1000) that a conditional first write
-    would mostly cost a 409, a GET and a second PATCH.
+    any other difference raises _Stale and the reconcile plans again from the fresh body. A
+    model's first status is written on its uid alone (see status_precondition).
     """
     k = kube()
-    ns, name = model.metadata.namespace or "default", model.metadata.name
-    rv = model.metadata.resource_version if planned_from.get("status") else None
+    ns, name = model_key(planned_from)
+    rv = status_precondition(planned_from)
     for _ in range(STALE_RETRIES):
         try:
             return k.patch_status(ns, name, status, rv, uid=model.metadata.uid)
@@ -502,17 +507,8 @@ async def model_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     current = dict(body)
     if type == "DELETED":
         model_cache().forget(current)
-        return
-    cache = model_cache()
-    meta = current.get("metadata", {})
-    key = (meta.get("namespace") or "default", meta["name"])
-    previous = cache.get(*key)
-    if not cache.offer(current):
-        return
-    if type is None:
-        queue.add(*key, urgent=False)
-    elif previous is None or not same_for_planning(previous, current):
-        queue.add(*key)
+    elif model_cache().offer_changed(current):
+        queue.add(*model_key(current), urgent=type is not None)
 
 
 @kopf.timer(
@@ -528,14 +524,13 @@ async def health(body: kopf.Body, **_: Any) -> None:
     """Look again on a timer: pods crash, nodes vanish and Jobs end without touching the spec.
 
     Only a queue entry (deduplicated with children's events); the reconcile runs on the work
-    queue's threads. A thousand timers running reconciles in kopf's thread pool kept the create
-    and update handlers waiting behind them (measured: a new model's first reconcile 18-21 s
-    after its creation at N=1000).
+    queue's threads, behind children's changes and new models (a thousand timers running
+    reconciles in kopf's thread pool once delayed new models' first reconciles by 18-21 s).
     """
-    meta = body.get("metadata", {})
-    if meta.get("deletionTimestamp"):
+    current = dict(body)
+    if current.get("metadata", {}).get("deletionTimestamp"):
         return
-    model_cache().offer(dict(body))
+    model_cache().offer(current)
     queue = child_queue()
     queue.open()
-    queue.add(meta.get("namespace") or "default", meta["name"], urgent=False)
+    queue.add(*model_key(current), urgent=False)

@@ -343,6 +343,20 @@ def test_model_cache_keeps_the_newest_body() -> None:
     assert kept is not None and kept["spec"] is event["spec"]  # ... but its copy is the one kept
 
 
+def test_model_cache_tells_a_change_where_planning_looks_from_an_echo() -> None:
+    cache = ModelCache()
+    assert cache.offer_changed(model(rv="10"))  # new
+    finalized = model(rv="11")
+    finalized["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]
+    assert not cache.offer_changed(finalized)  # kopf's finalizer patch
+    assert cache.offer(model({REV: RevisionState.CONVERTING}, rv="12"))  # our own status write
+    assert not cache.offer_changed(model({REV: RevisionState.CONVERTING}, rv="12"))  # its echo
+    edited = model({REV: RevisionState.CONVERTING}, rv="13")
+    edited["spec"]["serving"] = {"replicas": 3}
+    assert cache.offer_changed(edited)  # a spec edit
+    assert not cache.offer_changed(model(rv="9"))  # an older body
+
+
 def test_model_cache_drops_managed_fields_and_kopf_annotations() -> None:
     body = model()
     before = copy.deepcopy(body)
