@@ -220,22 +220,21 @@ class _Stale(Exception):
 STALE_RETRIES = 3
 
 
-def reconcile_named(namespace: str, name: str, wait: bool) -> Plan | None:
+def reconcile_named(namespace: str, name: str) -> Plan | None:
     """One reconcile of one resource, serialized per object and planned from the newest body.
 
-    The change handlers, the health timer and children's events may fire together; kopf hands
-    each a body that can be a moment old. Planning from a stale status could undo what another
-    just decided (a rollback, a promotion), so each reconcile takes the object's lock, plans
-    from the newest body the model cache has seen (the operator's own status writes included)
-    and writes status, conditional on that body's resourceVersion, before releasing the lock;
-    a conflict re-reads the model and plans again, unless what changed is nothing planning
-    reads (kopf's finalizer or annotations: the write is then retried as is). With `wait` False (children's events, which
-    come in bursts) a reconcile already running is asked to run once more instead of queueing
-    another.
+    Work-queue threads may take the same model at once (queued again while it reconciles).
+    Planning from a stale status could undo what another just decided (a rollback, a
+    promotion), so each reconcile takes the object's lock, plans from the newest body the model
+    cache has seen (the operator's own status writes included) and writes status, conditional
+    on that body's resourceVersion, before releasing the lock; a conflict re-reads the model
+    and plans again, unless what changed is nothing planning reads (kopf's finalizer or
+    annotations: the write is then retried as is). A reconcile already running is asked to run
+    once more instead of a second thread waiting for the lock; it then returns None.
     """
     key = f"{namespace}/{name}"
     lock = _lock_for(key)
-    if not lock.acquire(blocking=wait):
+    if not lock.acquire(blocking=False):
         with _locks_guard:
             _dirty.add(key)
         return None
@@ -433,7 +432,7 @@ class WorkQueue:
                 if key is None:
                     return
             try:
-                result = reconcile_named(*key, wait=False)
+                result = reconcile_named(*key)
             except Exception:
                 log.exception("reconcile of %s/%s failed; again in %.0f s", *key, ERROR_BACKOFF)
                 self.add_after(*key, ERROR_BACKOFF)
