@@ -31,6 +31,7 @@ JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 JOB = "Job"
 DEPLOYMENT = "Deployment"
 POD = "Pod"
+SERVICE = "Service"
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -73,7 +74,14 @@ class PodRecord:
     """Serving pods: the pod IP (metrics scraping and golden-set checks during a canary)."""
 
 
-Record = JobRecord | DeploymentRecord | PodRecord
+@dataclass(frozen=True, slots=True)
+class ServiceRecord:
+    """A Service exists (planning reads no more of it: Ready waits for the model's Service)."""
+
+    name: str
+
+
+Record = JobRecord | DeploymentRecord | PodRecord | ServiceRecord
 
 
 def owner_of(body: dict[str, Any]) -> tuple[str, str] | None:
@@ -148,6 +156,8 @@ def record_of(kind: str, body: dict[str, Any]) -> Record:
         return deployment_record(body)
     if kind == POD:
         return pod_record(body)
+    if kind == SERVICE:
+        return ServiceRecord(name=body["metadata"]["name"])
     raise ValueError(f"ptm does not index {kind}")
 
 
@@ -179,7 +189,7 @@ def pod_observation(pod: dict[str, Any]) -> PodObservation:
         ):
             unschedulable = cond.get("message") or "Unschedulable"
         if cond.get("type") == "Ready" and cond.get("status") == "True":
-            ready = True
+            ready = not pod["metadata"].get("deletionTimestamp")  # a terminating pod serves no more
     waiting = None
     restarts = 0
     last_reason = None
@@ -212,11 +222,13 @@ def pod_observation(pod: dict[str, Any]) -> PodObservation:
 def wakes_owner(previous: Record | None, current: Record | None) -> bool:
     """Whether a change of a child is worth a reconcile of its model now.
 
-    Jobs and Deployments: any change of their record. Pods: only what no Job or Deployment
-    status reflects soon: a converter's end (its report; the Job's Complete may be seen first)
-    and a serving pod's trouble (unschedulable, waiting, restarts, last termination), both when
-    it starts and when it clears. Readiness is followed through the Deployment, so the many
-    readiness flips of a large rollout are one reconcile each per Deployment change, not per pod.
+    Jobs, Deployments and Services: any change of their record (a Service's: it appeared or
+    vanished). Pods: a converter's end (its report; the Job's Complete may be seen first), and
+    a serving pod's readiness and trouble (unschedulable, waiting, restarts, last termination),
+    both when it starts and when it clears. Readiness is followed on the pods, not only through
+    the Deployment: its readyReplicas follows a pod's Ready after the ReplicaSet and Deployment
+    controllers' status writes (20 s p50 at N=1000 on a saturated control plane). A serving
+    pod's appearance and disappearance are the Deployment's (its replica counts change).
     """
     if previous == current:
         return False
@@ -226,16 +238,15 @@ def wakes_owner(previous: Record | None, current: Record | None) -> bool:
     if isinstance(previous, PodRecord) and isinstance(current, PodRecord):
         if record.component != serving.COMPONENT:
             return previous.end != current.end
-        return _trouble(previous.observation) != _trouble(current.observation)
-    # A pod appeared or vanished: a converter pod matters only when it ended; a serving pod's
-    # appearance and disappearance are the Deployment's (its replica counts change).
-    return record.end is not None or _trouble(record.observation) != _trouble(None)
+        return _watched(previous.observation) != _watched(current.observation)
+    return record.end is not None or _watched(record.observation) != _watched(None)
 
 
-def _trouble(pod: PodObservation | None) -> tuple[Any, ...]:
+def _watched(pod: PodObservation | None) -> tuple[Any, ...]:
+    """What of a serving pod wakes its model when it changes."""
     if pod is None:
-        return (None, None, 0, None)
-    return (pod.unschedulable, pod.waiting_reason, pod.restarts, pod.last_termination_reason)
+        return (False, None, None, 0, None)
+    return (pod.ready, pod.unschedulable, pod.waiting_reason, pod.restarts, pod.last_termination_reason)
 
 
 # --- one model's children -----------------------------------------------------------------------
@@ -248,12 +259,15 @@ class Children:
     jobs: list[JobRecord] = field(default_factory=list)
     deployments: list[DeploymentRecord] = field(default_factory=list)
     pods: list[PodRecord] = field(default_factory=list)
+    services: list[ServiceRecord] = field(default_factory=list)
 
     def add(self, record: Record) -> None:
         if isinstance(record, JobRecord):
             self.jobs.append(record)
         elif isinstance(record, DeploymentRecord):
             self.deployments.append(record)
+        elif isinstance(record, ServiceRecord):
+            self.services.append(record)
         else:
             self.pods.append(record)
 
@@ -273,6 +287,7 @@ class ChildView:
     """Serving pod name -> IP, for pods that have one."""
     job_names: set[str]
     deployment_names: set[str]
+    service_names: set[str]
     """Names present (deleting ones included): what the apply memory may keep."""
 
 
@@ -342,6 +357,7 @@ def view(children: Children) -> ChildView:
         pod_ips={p.name: p.ip for p in serving_pods if p.ip},
         job_names={j.job.name for j in children.jobs if j.component == jobs.COMPONENT},
         deployment_names={d.deployment.name for d in children.deployments},
+        service_names={s.name for s in children.services},
     )
 
 

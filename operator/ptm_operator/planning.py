@@ -541,7 +541,7 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
     # 4. Facts and summary.
     status.replicas = sum(d.replicas for r, d in observed.deployments.items() if r in serving_revisions)
     status.ready_replicas = sum(
-        d.ready_replicas for r, d in observed.deployments.items() if r in serving_revisions
+        ready_pods(observed, r) for r in observed.deployments if r in serving_revisions
     )
     protected = {r for r in (stable, status.canary_revision, desired) if r}
     status.revisions = _trim(status.revisions, spec.rollout.revision_history_limit, protected)
@@ -647,7 +647,8 @@ def _availability(
         cond.set(ConditionType.DEGRADED, True, reason, message)
         waiting.append(message)
         return
-    if dep.ready_replicas < 1:
+    ready = ready_pods(observed, stable)
+    if ready < 1:
         cond.set(
             ConditionType.AVAILABLE,
             False,
@@ -656,11 +657,30 @@ def _availability(
         )
         waiting.append(f"serving pods of revision {stable}")
         return
+    service = serving.service_name(model)
+    if service not in observed.services:
+        cond.set(
+            ConditionType.AVAILABLE,
+            False,
+            "Deploying",
+            f"revision {stable}: {ready}/{dep.replicas} pods ready; creating the Service {service}",
+        )
+        waiting.append(f"Service {service}")
+        return
     cond.set(
         ConditionType.AVAILABLE,
         True,
         "Serving",
-        f"revision {stable}: {dep.ready_replicas}/{dep.replicas} pods ready",
+        f"revision {stable}: {ready}/{dep.replicas} pods ready",
     )
-    if dep.ready_replicas < dep.replicas:
-        waiting.append(f"{dep.replicas - dep.ready_replicas} more pods of revision {stable}")
+    if ready < dep.replicas:
+        waiting.append(f"{dep.replicas - ready} more pods of revision {stable}")
+
+
+def ready_pods(observed: Observed, revision: str) -> int:
+    """Ready serving pods of a revision: its Deployment's readyReplicas, or the ready pods
+    observed when more (the Deployment's count follows a pod's Ready only after the ReplicaSet
+    and Deployment controllers' status writes; terminating pods are never ready)."""
+    dep = observed.deployments.get(revision)
+    counted = dep.ready_replicas if dep is not None else 0
+    return max(counted, sum(1 for p in observed.pods if p.revision == revision and p.ready))

@@ -21,6 +21,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # kopf logs every handler call per object at INFO (see kopfcost)
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     from ptm_operator import handlers  # registers the handlers
 
     cfg = handlers.settings()

@@ -14,12 +14,14 @@ from ptm_operator.children import (
     DEPLOYMENT,
     JOB,
     POD,
+    SERVICE,
     ChildIndex,
     Children,
     ContainerEnd,
     ModelCache,
     PodRecord,
     compact_model,
+    pod_observation,
     pod_record,
     record_of,
     reports_missing,
@@ -269,19 +271,41 @@ def test_converter_pods_wake_only_when_they_end() -> None:
     assert not wakes_owner(ended, ended)
 
 
-def test_serving_pods_wake_on_trouble_not_on_readiness() -> None:
+def test_serving_pods_wake_on_readiness_and_trouble() -> None:
     pending = pod_record(serving_pod())
     ready = pod_record(serving_pod(ready=True))
     looping = pod_record(serving_pod(waiting="CrashLoopBackOff", restarts=3))
-    assert not wakes_owner(None, pending)
-    assert not wakes_owner(pending, ready)  # the Deployment's readyReplicas says it
+    assert not wakes_owner(None, pending)  # its Deployment's replica counts say it
+    assert wakes_owner(pending, ready)  # before the Deployment's readyReplicas says it
+    assert wakes_owner(ready, pending)
+    assert not wakes_owner(ready, pod_record(serving_pod(ready=True, ip="10.0.0.6")))
     assert wakes_owner(ready, looping)
     assert wakes_owner(looping, ready)  # trouble cleared
     assert wakes_owner(None, pod_record(serving_pod(unschedulable=True)))
-    assert not wakes_owner(ready, None)
+    assert wakes_owner(ready, None)
     assert not wakes_owner(
         PodRecord(name="x", component=serving.COMPONENT, observation=PodObservation("x", REV)), None
     )
+
+
+def test_a_terminating_pod_is_not_ready() -> None:
+    body = serving_pod(ready=True)
+    assert pod_observation(body).ready
+    body["metadata"]["deletionTimestamp"] = "2025-03-01T12:05:00Z"
+    assert not pod_observation(body).ready
+
+
+def test_services_wake_when_they_appear_or_vanish() -> None:
+    index = ChildIndex()
+    svc = {"metadata": {"name": MODEL, "namespace": NS, "labels": labels(MODEL, serving.COMPONENT)}}
+    owner, previous, current = index.upsert(SERVICE, svc)
+    assert owner == (NS, MODEL) and wakes_owner(previous, current)
+    owner, previous, current = index.upsert(SERVICE, {**svc, "spec": {"clusterIP": "10.96.0.9"}})
+    assert not wakes_owner(previous, current)
+    assert view(index.children(NS, MODEL)).service_names == {MODEL}
+    owner, previous = index.remove(SERVICE, svc)
+    assert wakes_owner(previous, None)
+    assert view(index.children(NS, MODEL)).service_names == set()
 
 
 # --- the index ----------------------------------------------------------------------------------
