@@ -219,11 +219,13 @@ def pod_observation(pod: dict[str, Any]) -> PodObservation:
     )
 
 
-def wakes_owner(previous: Record | None, current: Record | None) -> bool:
+def wakes_owner(previous: Record | None, current: Record | None, serving_ready: bool = True) -> bool:
     """Whether a change of a child is worth a reconcile of its model now.
 
-    Jobs, Deployments and Services: any change of their record (a Service's: it appeared or
-    vanished). Pods: a converter's end (its report; the Job's Complete may be seen first), and
+    Jobs and Deployments: any change of their record. A Service: when it vanishes, and when it
+    appears while the model has a ready serving pod (`serving_ready`; only then does planning
+    wait for it: a thousand new models' Services otherwise queued a thousand reconciles among
+    the models' first ones). Pods: a converter's end (its report; the Job's Complete may be seen first), and
     a serving pod's readiness and trouble (unschedulable, waiting, restarts, last termination),
     both when it starts and when it clears. Readiness is followed on the pods, not only through
     the Deployment: its readyReplicas follows a pod's Ready after the ReplicaSet and Deployment
@@ -233,6 +235,8 @@ def wakes_owner(previous: Record | None, current: Record | None) -> bool:
     if previous == current:
         return False
     record = current if current is not None else previous
+    if isinstance(record, ServiceRecord):
+        return current is None or (previous is None and serving_ready)
     if not isinstance(record, PodRecord):
         return True
     if isinstance(previous, PodRecord) and isinstance(current, PodRecord):
@@ -388,6 +392,14 @@ class ChildIndex:
             previous = records.get(key)
             records[key] = record
         return owner, previous, record
+
+    def serving_ready(self, owner: tuple[str, str]) -> bool:
+        """Whether a serving pod of the model (any revision) is ready."""
+        with self._lock:
+            records = list((self._by_model.get(owner) or {}).values())
+        return any(
+            isinstance(r, PodRecord) and r.observation is not None and r.observation.ready for r in records
+        )
 
     def remove(self, kind: str, body: dict[str, Any]) -> tuple[tuple[str, str] | None, Record | None]:
         """Forget a deleted child: (owner key, the record it had)."""

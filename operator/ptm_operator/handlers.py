@@ -448,8 +448,9 @@ _CHILD_KINDS = {"jobs": JOB, "deployments": DEPLOYMENT, "pods": POD, "services":
 
 
 def _index_child(kind: str, body: kopf.Body) -> None:
-    owner, previous, current = child_index().upsert(kind, dict(body))
-    if owner is not None and wakes_owner(previous, current):
+    index = child_index()
+    owner, previous, current = index.upsert(kind, dict(body))
+    if owner is not None and wakes_owner(previous, current, kind != SERVICE or index.serving_ready(owner)):
         child_queue().add(owner[0], model_cache().name_for(*owner))
 
 

@@ -295,11 +295,16 @@ def test_a_terminating_pod_is_not_ready() -> None:
     assert not pod_observation(body).ready
 
 
-def test_services_wake_when_they_appear_or_vanish() -> None:
+def test_services_wake_when_they_vanish_or_appear_beside_a_ready_pod() -> None:
     index = ChildIndex()
     svc = {"metadata": {"name": MODEL, "namespace": NS, "labels": labels(MODEL, serving.COMPONENT)}}
     owner, previous, current = index.upsert(SERVICE, svc)
-    assert owner == (NS, MODEL) and wakes_owner(previous, current)
+    assert owner == (NS, MODEL) and not index.serving_ready(owner)
+    assert not wakes_owner(previous, current, serving_ready=False)  # nothing waits for it yet
+    index.upsert(POD, serving_pod())
+    assert not index.serving_ready(owner)
+    index.upsert(POD, serving_pod(ready=True))
+    assert index.serving_ready(owner) and wakes_owner(previous, current, serving_ready=True)
     owner, previous, current = index.upsert(SERVICE, {**svc, "spec": {"clusterIP": "10.96.0.9"}})
     assert not wakes_owner(previous, current)
     assert view(index.children(NS, MODEL)).service_names == {MODEL}
