@@ -231,6 +231,8 @@ def operator_metrics(port: int) -> dict[str, float]:
         "ptm_operator_reconcile_duration_seconds_count",
         "ptm_operator_api_requests_total",
         "ptm_operator_api_request_seconds_total",
+        "ptm_operator_work_queue_adds_total",
+        "ptm_operator_work_queue_depth",
     }
     for name, labels, value in parse_prometheus(text, wanted):
         key = name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
@@ -457,6 +459,8 @@ class Sample:
     reasons: dict[str, int]
     operator_rss_mib: float
     operator_cpu_s: float
+    queue_depth: float | None = None
+    """Models waiting for a reconcile in the operator's work queue (its /metrics)."""
 
 
 @dataclass
@@ -617,6 +621,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> RunResult:
                     reasons=dict(reasons),
                     operator_rss_mib=round(proc_status_kib(operator.pid, "VmRSS") / 1024, 1),
                     operator_cpu_s=round(cpu_seconds(operator.pid) - op_cpu_before, 2),
+                    queue_depth=operator_metrics(operator.metrics_port).get("ptm_operator_work_queue_depth"),
                 )
             )
             result.ready = ready
@@ -636,7 +641,11 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> RunResult:
                 break
             if now - last_print >= 10:
                 last_print = now
-                print(f"[n={n}] t={now:6.1f}s ready={ready}/{n} {dict(reasons.most_common(4))}", flush=True)
+                depth = result.timeline[-1].queue_depth
+                print(
+                    f"[n={n}] t={now:6.1f}s ready={ready}/{n} {dict(reasons.most_common(4))} queue={depth}",
+                    flush=True,
+                )
             time.sleep(args.poll)
         print(
             f"[n={n}] {'all Ready' if result.all_ready_s else 'NOT all Ready'} at "
@@ -645,6 +654,10 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> RunResult:
         )
 
         result.bench_requests = api.requests
+        if args.keep_workdir:  # everything the API server measured, for a closer look
+            (workdir / "apiserver-metrics.txt").write_bytes(
+                api.request("GET", "/metrics", accept="text/plain")[1]
+            )
         after = api_counts(api)
         delta = after.minus(before)
         result.operator_requests = delta.operator

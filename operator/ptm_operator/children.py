@@ -432,6 +432,14 @@ class ChildIndex:
 # --- models -------------------------------------------------------------------------------------
 
 
+def urgent_model_event(event_type: str | None, body: dict[str, Any]) -> bool:
+    """Whether a model's event queues it ahead of health ticks: a watch event (a change) does,
+    a listing's (type None: at start-up, or kopf listing again after a lost watch) only for a
+    model never reconciled (no status): a new model's first reconcile is waited on by a user
+    however it was seen."""
+    return event_type is not None or not body.get("status")
+
+
 def model_key(body: dict[str, Any]) -> tuple[str, str]:
     """(namespace, name) of a model body."""
     meta = body.get("metadata") or {}

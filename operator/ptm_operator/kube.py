@@ -357,7 +357,11 @@ class Kube:
         elif uid:
             body["metadata"] = {"uid": uid}
         stored: dict[str, Any] = self._request(
-            "PATCH", _model_path(namespace, name) + "/status", "application/merge-patch+json", body, []
+            "PATCH",
+            _model_path(namespace, name) + "/status",
+            "application/merge-patch+json",
+            body,
+            [("fieldManager", FIELD_MANAGER)],
         )
         return stored
 
@@ -369,7 +373,7 @@ class Kube:
             _model_path(model.metadata.namespace or "default", model.metadata.name),
             "application/merge-patch+json",
             body,
-            [],
+            [("fieldManager", FIELD_MANAGER)],
         )
         return stored
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
 class OperatorMetrics:
@@ -39,6 +39,18 @@ class OperatorMetrics:
             "ptm_operator_api_request_seconds",
             "Seconds spent waiting for the Kubernetes API, by verb and resource.",
             ["verb", "resource"],
+            registry=self.registry,
+        )
+        self.queued = Counter(
+            "ptm_operator_work_queue_adds",
+            "Models queued for a reconcile, by cause (model, Job, Deployment, Pod, Service, health,"
+            " timed, error) and whether the model was already queued (deduplicated).",
+            ["cause", "deduplicated"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "ptm_operator_work_queue_depth",
+            "Models waiting for a reconcile now (not those queued for later).",
             registry=self.registry,
         )
         self._served = False

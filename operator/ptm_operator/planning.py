@@ -275,9 +275,9 @@ def plan(model: PretrainedModel, observed: Observed, now: datetime, settings: Se
         if job is None:
             manifests.append(jobs.conversion_job(model, desired, settings, store))
             record.state = RevisionState.CONVERTING
-            cond.set(
-                ConditionType.CONVERTED, False, "Converting", f"conversion Job for revision {desired} created"
-            )
+            # The words the running Job's rounds use: its appearance on the watch is no status write.
+            job_name = jobs.job_name(model, desired)
+            cond.set(ConditionType.CONVERTED, False, "Converting", f"conversion Job {job_name} is running")
             cond.set(ConditionType.PROGRESSING, True, "Converting", f"converting revision {desired}")
             waiting.append(f"conversion of revision {desired}")
         elif job.succeeded:

@@ -26,6 +26,7 @@ from ptm_operator.children import (
     record_of,
     reports_missing,
     same_for_planning,
+    urgent_model_event,
     view,
     wakes_owner,
 )
@@ -431,3 +432,11 @@ def test_same_for_planning_ignores_what_kopf_writes() -> None:
     edited["metadata"]["generation"] = 2
     edited["spec"]["source"]["uri"] = "s3://models/resnet50-v2.pt"
     assert not same_for_planning(body, edited)
+
+
+def test_a_listed_model_is_urgent_only_before_its_first_reconcile() -> None:
+    new = {"metadata": {"name": MODEL, "namespace": NS}, "spec": {}}
+    reconciled = {**new, "status": {"observedGeneration": 1}}
+    assert urgent_model_event("ADDED", new) and urgent_model_event("MODIFIED", reconciled)
+    assert urgent_model_event(None, new)  # listed again after a lost watch, never reconciled
+    assert not urgent_model_event(None, reconciled)  # the start-up listing: behind children's changes
