@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
 import kopf
@@ -24,11 +23,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:  # kopf logs every handler call per object at INFO (see kopfcost)
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    # kopf's event loop reads the watch streams; dozens of reconcile and apply threads share the
-    # GIL with it. At the default 5 ms switch interval, with a thousand models it read slower
-    # than the API server's patience for a watcher (it closes one whose few buffered events wait
-    # too long), and every watch it lost was read again from a fresh connection.
-    sys.setswitchinterval(0.001)
     from ptm_operator import handlers  # registers the handlers
 
     cfg = handlers.settings()
