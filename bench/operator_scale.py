@@ -585,6 +585,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> RunResult:
         cpu_nodes=args.cpu_nodes,
         kwok_stages=(CONVERTER_STAGE,),
         controller_manager_args=tuple(args.controller_manager_arg),
+        scheduler_args=tuple(args.scheduler_arg),
     )
     dev = DevCluster(config)
     operator: OperatorProcess | None = None
@@ -920,8 +921,14 @@ def markdown(results: list[RunResult], args: argparse.Namespace, command: str) -
         f"Command: `{command}`. Operator settings: {env}. Cluster: {args.gpu_nodes} kwok GPU nodes x "
         f"{args.gpus_per_node} `nvidia.com/gpu` and {args.cpu_nodes} CPU nodes, a fresh control plane per N"
         + (
-            f", kube-controller-manager {' '.join(args.controller_manager_arg)}."
+            f", kube-controller-manager {' '.join(args.controller_manager_arg)}"
             if args.controller_manager_arg
+            else ""
+        )
+        + (f", kube-scheduler {' '.join(args.scheduler_arg)}" if args.scheduler_arg else "")
+        + (
+            "."
+            if args.controller_manager_arg or args.scheduler_arg
             else ", every component at its default settings."
         ),
     ]
@@ -970,6 +977,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="--FLAG=VALUE",
         help="extra kube-controller-manager flag (repeatable; the = form), e.g. --controller-manager-arg=--kube-api-qps=200",
+    )
+    parser.add_argument(
+        "--scheduler-arg",
+        action="append",
+        default=[],
+        metavar="--FLAG=VALUE",
+        help="extra kube-scheduler flag (repeatable; the = form), e.g. --scheduler-arg=--kube-api-qps=300",
     )
     parser.add_argument(
         "--steady",

@@ -31,7 +31,6 @@ JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 JOB = "Job"
 DEPLOYMENT = "Deployment"
 POD = "Pod"
-SERVICE = "Service"
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -74,14 +73,7 @@ class PodRecord:
     """Serving pods: the pod IP (metrics scraping and golden-set checks during a canary)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceRecord:
-    """A Service exists (planning reads no more of it: Ready waits for the model's Service)."""
-
-    name: str
-
-
-Record = JobRecord | DeploymentRecord | PodRecord | ServiceRecord
+Record = JobRecord | DeploymentRecord | PodRecord
 
 
 def owner_of(body: dict[str, Any]) -> tuple[str, str] | None:
@@ -156,8 +148,6 @@ def record_of(kind: str, body: dict[str, Any]) -> Record:
         return deployment_record(body)
     if kind == POD:
         return pod_record(body)
-    if kind == SERVICE:
-        return ServiceRecord(name=body["metadata"]["name"])
     raise ValueError(f"ptm does not index {kind}")
 
 
@@ -219,14 +209,11 @@ def pod_observation(pod: dict[str, Any]) -> PodObservation:
     )
 
 
-def wakes_owner(previous: Record | None, current: Record | None, serving_ready: bool = True) -> bool:
+def wakes_owner(previous: Record | None, current: Record | None) -> bool:
     """Whether a change of a child is worth a reconcile of its model now.
 
-    Jobs and Deployments: any change of their record. A Service: when it vanishes, and when it
-    appears while the model has a ready serving pod (`serving_ready`; only then does planning
-    wait for it: a thousand new models' Services otherwise queued a thousand reconciles among
-    the models' first ones). Pods: a converter's end (its report; the Job's Complete may be seen first), and
-    a serving pod's readiness and trouble (unschedulable, waiting, restarts, last termination),
+    Jobs and Deployments: any change of their record. Pods: a converter's end (its report; the
+    Job's Complete may be seen first), and a serving pod's readiness and trouble (unschedulable, waiting, restarts, last termination),
     both when it starts and when it clears. Readiness is followed on the pods, not only through
     the Deployment: its readyReplicas follows a pod's Ready after the ReplicaSet and Deployment
     controllers' status writes (20 s p50 at N=1000 on a saturated control plane). A serving
@@ -235,8 +222,6 @@ def wakes_owner(previous: Record | None, current: Record | None, serving_ready: 
     if previous == current:
         return False
     record = current if current is not None else previous
-    if isinstance(record, ServiceRecord):
-        return current is None or (previous is None and serving_ready)
     if not isinstance(record, PodRecord):
         return True
     if isinstance(previous, PodRecord) and isinstance(current, PodRecord):
@@ -263,15 +248,12 @@ class Children:
     jobs: list[JobRecord] = field(default_factory=list)
     deployments: list[DeploymentRecord] = field(default_factory=list)
     pods: list[PodRecord] = field(default_factory=list)
-    services: list[ServiceRecord] = field(default_factory=list)
 
     def add(self, record: Record) -> None:
         if isinstance(record, JobRecord):
             self.jobs.append(record)
         elif isinstance(record, DeploymentRecord):
             self.deployments.append(record)
-        elif isinstance(record, ServiceRecord):
-            self.services.append(record)
         else:
             self.pods.append(record)
 
@@ -291,7 +273,6 @@ class ChildView:
     """Serving pod name -> IP, for pods that have one."""
     job_names: set[str]
     deployment_names: set[str]
-    service_names: set[str]
     """Names present (deleting ones included): what the apply memory may keep."""
 
 
@@ -361,7 +342,6 @@ def view(children: Children) -> ChildView:
         pod_ips={p.name: p.ip for p in serving_pods if p.ip},
         job_names={j.job.name for j in children.jobs if j.component == jobs.COMPONENT},
         deployment_names={d.deployment.name for d in children.deployments},
-        service_names={s.name for s in children.services},
     )
 
 
@@ -392,14 +372,6 @@ class ChildIndex:
             previous = records.get(key)
             records[key] = record
         return owner, previous, record
-
-    def serving_ready(self, owner: tuple[str, str]) -> bool:
-        """Whether a serving pod of the model (any revision) is ready."""
-        with self._lock:
-            records = list((self._by_model.get(owner) or {}).values())
-        return any(
-            isinstance(r, PodRecord) and r.observation is not None and r.observation.ready for r in records
-        )
 
     def remove(self, kind: str, body: dict[str, Any]) -> tuple[tuple[str, str] | None, Record | None]:
         """Forget a deleted child: (owner key, the record it had)."""

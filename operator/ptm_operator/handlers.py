@@ -40,7 +40,6 @@ from ptm_operator.children import (
     DEPLOYMENT,
     JOB,
     POD,
-    SERVICE,
     ChildIndex,
     ModelCache,
     model_key,
@@ -151,12 +150,16 @@ def _post_event(model: PretrainedModel, type_: str, reason: str, message: str) -
         log.warning("cannot post Event %s on %s", reason, key_of(model), exc_info=True)
 
 
-#: Kinds applied on their own pool, waited for by no reconcile: a Service's creation (its
-#: ClusterIP allocated) took 0.9-3 s on average on the benchmark's loaded API server at N=1000;
-#: on the reconcile's pool, or waited for, it held a work-queue thread for each model on its way
-#: to the Job or the Deployment (Job complete -> Deployment 33 s p50). A failure is logged and
-#: sent again by the next reconcile; planning holds Available (and so Ready) until the Service
-#: is observed on the watch, whose event queues the model.
+#: Kinds applied on their own pool: a Service's creation (its ClusterIP allocated) took 0.9-3 s
+#: on average on the benchmark's loaded API server at N=1000; on the reconcile's own pool it held
+#: a work-queue thread for each new model on its way to the Job. While no revision serves nothing
+#: waits for them (a failure is logged and sent again by the next reconcile); once one serves,
+#: the reconcile waits for them after its other applies (and for the same apply still in
+#: flight), so Ready never precedes the Service. That wait holds a work-queue thread, and so
+#: paces the operator: at N=1000 on a saturated control plane, Ready gated on the Service as
+#: observed on a watch instead (no thread waiting, the operator's own stages 5x shorter) left
+#: more of everything running beside the Services' creation, which the API server serializes,
+#: and all Ready came 20-40 s later (bench/RESULTS.md, session 4).
 BACKGROUND_KINDS = frozenset({"Service", "PodDisruptionBudget"})
 
 
@@ -178,15 +181,21 @@ def _apply_in_background(manifest: dict[str, Any]) -> None:
 def carry_out(model: PretrainedModel, result: Plan) -> None:
     k = kube()
     ns = model.metadata.namespace or "default"
+    serving = result.status.stable_revision is not None
     inline = [m for m in result.apply if m["kind"] not in BACKGROUND_KINDS]
-    for manifest in result.apply:
-        if manifest["kind"] in BACKGROUND_KINDS:
-            background_pool().submit(_apply_in_background, manifest)
+    background = [
+        background_pool().submit(_apply if serving else _apply_in_background, m)
+        for m in result.apply
+        if m["kind"] in BACKGROUND_KINDS
+    ]
     if len(inline) > 1:
         list(apply_pool().map(_apply, inline))
     else:
         for manifest in inline:
             _apply(manifest)
+    if serving:  # Ready is written after this: never before the Service exists
+        for future in background:
+            future.result()
     for gone in result.delete:
         k.delete(gone.api_version, gone.kind, ns, gone.name)
     if result.route is not None:
@@ -462,13 +471,12 @@ def child_queue() -> WorkQueue:
 
 
 #: Plural -> the kind children.py indexes.
-_CHILD_KINDS = {"jobs": JOB, "deployments": DEPLOYMENT, "pods": POD, "services": SERVICE}
+_CHILD_KINDS = {"jobs": JOB, "deployments": DEPLOYMENT, "pods": POD}
 
 
 def _index_child(kind: str, body: kopf.Body) -> None:
-    index = child_index()
-    owner, previous, current = index.upsert(kind, dict(body))
-    if owner is not None and wakes_owner(previous, current, kind != SERVICE or index.serving_ready(owner)):
+    owner, previous, current = child_index().upsert(kind, dict(body))
+    if owner is not None and wakes_owner(previous, current):
         child_queue().add(owner[0], model_cache().name_for(*owner), kind)
 
 
@@ -489,15 +497,9 @@ async def index_pods(body: kopf.Body, **_: Any) -> None:
     _index_child(POD, body)
 
 
-@kopf.index("", "v1", "services", labels=_MANAGED, id="ptm-services")
-async def index_services(body: kopf.Body, **_: Any) -> None:
-    _index_child(SERVICE, body)
-
-
 @kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)
 @kopf.on.event("apps", "v1", "deployments", labels=_MANAGED)
 @kopf.on.event("", "v1", "pods", labels=_MANAGED)
-@kopf.on.event("", "v1", "services", labels=_MANAGED)
 async def child_event(body: kopf.Body, type: str | None, resource: kopf.Resource, **_: Any) -> None:
     """Deletions (kopf does not call index functions for them); the indexes did the rest.
 

@@ -31,7 +31,6 @@ from ptm_operator.builders.names import FIELD_MANAGER, selector
 from ptm_operator.children import (
     Children,
     ChildView,
-    ServiceRecord,
     deployment_record,
     job_record,
     pod_record,
@@ -159,7 +158,6 @@ class Kube:
             {serving.deployment_name(model, r) for r in revisions},
             children.deployment_names,
         )
-        self.forget_missing("v1", "Service", ns, {serving.service_name(model)}, children.service_names)
         samples: dict[str, Sample] = {}
         if needs_samples(model):
             measured = {r for r in (model.status.stable_revision, model.status.canary_revision) if r}
@@ -194,7 +192,6 @@ class Kube:
             polls=children.polls,
             samples=samples,
             keda_available=self.keda_available() if model.spec.serving.autoscaling else False,
-            services=frozenset(children.service_names),
         )
 
     def list_children(self, model: PretrainedModel) -> Children:
@@ -224,10 +221,6 @@ class Kube:
             found.pods += [
                 pod_record(p) for p in self._list("v1", "Pod", ns, selector(name, serving.COMPONENT))
             ]
-        found.services = [
-            ServiceRecord(s["metadata"]["name"])
-            for s in self._list("v1", "Service", ns, selector(name, serving.COMPONENT))
-        ]
         return found
 
     def _golden_agreement(

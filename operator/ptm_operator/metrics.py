@@ -43,8 +43,8 @@ class OperatorMetrics:
         )
         self.queued = Counter(
             "ptm_operator_work_queue_adds",
-            "Models queued for a reconcile, by cause (model, Job, Deployment, Pod, Service, health,"
-            " timed, error) and whether the model was already queued (deduplicated).",
+            "Models queued for a reconcile, by cause (model, Job, Deployment, Pod, health, timed,"
+            " error) and whether the model was already queued (deduplicated).",
             ["cause", "deduplicated"],
             registry=self.registry,
         )

@@ -89,5 +89,3 @@ class Observed:
     """Golden-set prediction agreement of canary and stable (analysis.minPredictionAgreement)."""
     samples: dict[str, Sample] = field(default_factory=dict)
     """Metrics per revision, read only while a canary is in an analysis step."""
-    services: frozenset[str] = frozenset()
-    """Names of the model's Services that exist (a model is not Available before its Service)."""

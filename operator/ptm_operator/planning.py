@@ -657,16 +657,6 @@ def _availability(
         )
         waiting.append(f"serving pods of revision {stable}")
         return
-    service = serving.service_name(model)
-    if service not in observed.services:
-        cond.set(
-            ConditionType.AVAILABLE,
-            False,
-            "Deploying",
-            f"revision {stable}: {ready}/{dep.replicas} pods ready; creating the Service {service}",
-        )
-        waiting.append(f"Service {service}")
-        return
     cond.set(
         ConditionType.AVAILABLE,
         True,

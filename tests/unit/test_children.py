@@ -14,7 +14,6 @@ from ptm_operator.children import (
     DEPLOYMENT,
     JOB,
     POD,
-    SERVICE,
     ChildIndex,
     Children,
     ContainerEnd,
@@ -294,27 +293,6 @@ def test_a_terminating_pod_is_not_ready() -> None:
     assert pod_observation(body).ready
     body["metadata"]["deletionTimestamp"] = "2025-03-01T12:05:00Z"
     assert not pod_observation(body).ready
-
-
-def test_services_wake_when_they_vanish_or_appear_beside_a_ready_pod() -> None:
-    index = ChildIndex()
-    svc = {"metadata": {"name": MODEL, "namespace": NS, "labels": labels(MODEL, serving.COMPONENT)}}
-    owner, previous, current = index.upsert(SERVICE, svc)
-    assert owner == (NS, MODEL) and not index.serving_ready(owner)
-    assert not wakes_owner(previous, current, serving_ready=False)  # nothing waits for it yet
-    index.upsert(POD, serving_pod())
-    assert not index.serving_ready(owner)
-    index.upsert(POD, serving_pod(ready=True))
-    assert index.serving_ready(owner) and wakes_owner(previous, current, serving_ready=True)
-    owner, previous, current = index.upsert(SERVICE, {**svc, "spec": {"clusterIP": "10.96.0.9"}})
-    assert not wakes_owner(previous, current)
-    assert view(index.children(NS, MODEL)).service_names == {MODEL}
-    owner, previous = index.remove(SERVICE, svc)
-    assert wakes_owner(previous, None)
-    assert view(index.children(NS, MODEL)).service_names == set()
-
-
-# --- the index ----------------------------------------------------------------------------------
 
 
 def test_index_groups_by_model_and_forgets_deleted_children() -> None:

@@ -7,7 +7,6 @@ handlers do through the API server.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -177,14 +176,8 @@ def dep(revision: str, replicas: int = 2, ready: int | None = None) -> Deploymen
     )
 
 
-def run(
-    m: PretrainedModel, observed: Observed | None = None, now: datetime = T0, *, service: bool = True
-) -> Plan:
-    """One round of planning; the model's Service exists unless `service=False`."""
-    observed = observed or Observed()
-    if service:
-        observed = replace(observed, services=observed.services | {serving.service_name(m)})
-    return plan(m, observed, now, SETTINGS, STORE)
+def run(m: PretrainedModel, observed: Observed | None = None, now: datetime = T0) -> Plan:
+    return plan(m, observed or Observed(), now, SETTINGS, STORE)
 
 
 def then(m: PretrainedModel, p: Plan, **spec: Any) -> PretrainedModel:
@@ -708,21 +701,6 @@ def test_ready_pods_count_before_the_deployment_says_so() -> None:
     assert says(p, "Available") == ("True", "Serving")
     assert cond(p, "Available").message == f"revision {REV}: 1/2 pods ready"
     assert p.status.ready_replicas == 1
-
-
-def test_no_model_is_available_before_its_service_exists() -> None:
-    m = then(make(), run(make()))
-    m = then(m, run(m, Observed(jobs=succeeded()), T0 + timedelta(minutes=5)))
-    observed = Observed(jobs=succeeded(), deployments={REV: dep(REV)})
-    p = run(m, observed, T0 + timedelta(minutes=6), service=False)
-    assert says(p, "Available") == ("False", "Deploying")
-    assert says(p, "Ready")[0] == "False"
-    assert cond(p, "Available").message == f"revision {REV}: 2/2 pods ready; creating the Service resnet50"
-    assert p.waiting_for == "Service resnet50"
-    assert any(x["kind"] == "Service" for x in p.apply)  # still applied, every round
-    revision_services = replace(observed, services=frozenset({serving.revision_service_name(m, REV)}))
-    assert says(run(m, revision_services, T0 + timedelta(minutes=6), service=False), "Ready")[0] == "False"
-    assert says(run(m, observed, T0 + timedelta(minutes=6)), "Available") == ("True", "Serving")
 
 
 # --- conditions over time ----------------------------------------------------------------------------

@@ -96,6 +96,8 @@ class ClusterConfig:
     """Also run a real node (containerd + kubelet + kube-proxy, see devcluster.node)."""
     controller_manager_args: tuple[str, ...] = ()
     """Extra kube-controller-manager flags (the scale benchmark raises its client QPS with them)."""
+    scheduler_args: tuple[str, ...] = ()
+    """Extra kube-scheduler flags (likewise)."""
 
     @property
     def service_ip(self) -> str:
@@ -435,6 +437,7 @@ class DevCluster:
                 f"--authentication-kubeconfig={sched_kc}",
                 f"--authorization-kubeconfig={sched_kc}",
                 f"--secure-port={c.scheduler_port}",
+                *c.scheduler_args,
             ],
         )
         self.start_process(
