@@ -200,6 +200,9 @@ class Cell:
     #: Cores that processes other than this benchmark's kept busy during the cell (a shared
     #: machine's noise: the higher, the less the cell says about the servers).
     others_cores: float | None = None
+    #: Cores the load generator (wrk or ghz) kept busy during the cell: on a machine this small
+    #: it takes them from the server, so a server's rows/s sit below in-process by about this.
+    client_cores: float | None = None
     #: ptm only, from its own metrics: mean time per request inside the server that is neither
     #: queueing nor model compute (decode, validation, batching, encode), in ms.
     stack_ms: float | None = None
@@ -713,8 +716,10 @@ def run(args: argparse.Namespace) -> list[Cell]:
                         cell = load_cell(server, wire, files[wire], c, args.duration, ghz, lua)
                         wall = time.monotonic() - wall0
                         cpu = cpu_seconds(server.proc.pid) - cpu0
-                        others = machine_busy() - busy0 - cpu - (children_cpu() - client0)
+                        client = children_cpu() - client0
+                        others = machine_busy() - busy0 - cpu - client
                         cell.model, cell.target = model, f"{kind}-{wire}"
+                        cell.client_cores = client / wall
                         cell.cpu_ms_per_request = cpu / max(cell.requests, 1) * 1000
                         cell.others_cores = max(0.0, others) / wall
                         cell.stack_ms = server.stack_ms(stack0)
@@ -769,8 +774,8 @@ def markdown(cells: list[Cell], info: dict[str, str], command: str, duration: fl
             f"### {model}",
             "",
             "| target | c | rows/s | vs in-process best | p50 ms | p99 ms | p50 vs in-process c=1 | errors "
-            "| server CPU ms/req | RSS MB | ptm stack ms | other load (cores) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| server CPU ms/req | server cores | client cores | RSS MB | ptm stack ms | other load (cores) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for c in rows:
             thr = c.rps * c.rows_per_request
@@ -778,7 +783,8 @@ def markdown(cells: list[Cell], info: dict[str, str], command: str, duration: fl
             lat = f"{c.p50_ms / inproc_p50:.2f}x" if inproc_p50 and c.concurrency == 1 else ""
             out.append(
                 f"| {c.target} | {c.concurrency} | {thr:.1f} | {ratio} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {lat} | "
-                f"{c.errors} | {c.cpu_ms_per_request or 0:.2f} | {c.rss_mb or 0:.0f} | "
+                f"{c.errors} | {c.cpu_ms_per_request or 0:.2f} | {(c.cpu_ms_per_request or 0) * c.rps / 1000:.2f} | "
+                f"{'' if c.client_cores is None else f'{c.client_cores:.2f}'} | {c.rss_mb or 0:.0f} | "
                 f"{'' if c.stack_ms is None else f'{c.stack_ms:.2f}'} | {c.others_cores or 0:.2f} |"
             )
         out.append("")

@@ -213,11 +213,12 @@ def wakes_owner(previous: Record | None, current: Record | None) -> bool:
     """Whether a change of a child is worth a reconcile of its model now.
 
     Jobs and Deployments: any change of their record. Pods: a converter's end (its report; the
-    Job's Complete may be seen first), and a serving pod's readiness and trouble (unschedulable, waiting, restarts, last termination),
-    both when it starts and when it clears. Readiness is followed on the pods, not only through
-    the Deployment: its readyReplicas follows a pod's Ready after the ReplicaSet and Deployment
-    controllers' status writes (20 s p50 at N=1000 on a saturated control plane). A serving
-    pod's appearance and disappearance are the Deployment's (its replica counts change).
+    Job's Complete may be seen first), and a serving pod's readiness and trouble (unschedulable,
+    waiting, restarts, last termination), both when it starts and when it clears. Readiness is
+    followed on the pods, not only through the Deployment: its readyReplicas follows a pod's
+    Ready after the ReplicaSet and Deployment controllers' status writes (20 s p50 at N=1000 on
+    a saturated control plane). A serving pod's appearance and disappearance are the
+    Deployment's (its replica counts change).
     """
     if previous == current:
         return False
@@ -406,7 +407,7 @@ class ChildIndex:
 
 def urgent_model_event(event_type: str | None, body: dict[str, Any]) -> bool:
     """Whether a model's event queues it ahead of health ticks: a watch event (a change) does,
-    a listing's (type None: at start-up, or kopf listing again after a lost watch) only for a
+    a listing's (type None: at start-up, or kopf listing again after a 410 Gone) only for a
     model never reconciled (no status): a new model's first reconcile is waited on by a user
     however it was seen."""
     return event_type is not None or not body.get("status")

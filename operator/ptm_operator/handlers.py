@@ -522,9 +522,8 @@ async def model_event(body: kopf.Body, type: str | None, **_: Any) -> None:
 
     The echoes of the operator's own status writes (already cached from the write's response)
     and of kopf's finalizer patch queue nothing. A listing (type None: at start-up, and when kopf
-    lists again after the API server closed a watch it found too slow to read, seen at N=1000)
-    queues the models it lists behind children's changes, except those never reconciled
-    (urgent_model_event).
+    lists again, after a 410 Gone) queues the models it lists behind children's changes, except
+    those never reconciled (urgent_model_event).
     """
     queue = child_queue()
     queue.open()

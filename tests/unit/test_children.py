@@ -416,5 +416,5 @@ def test_a_listed_model_is_urgent_only_before_its_first_reconcile() -> None:
     new = {"metadata": {"name": MODEL, "namespace": NS}, "spec": {}}
     reconciled = {**new, "status": {"observedGeneration": 1}}
     assert urgent_model_event("ADDED", new) and urgent_model_event("MODIFIED", reconciled)
-    assert urgent_model_event(None, new)  # listed again after a lost watch, never reconciled
+    assert urgent_model_event(None, new)  # listed (start-up, or after a 410 Gone), never reconciled
     assert not urgent_model_event(None, reconciled)  # the start-up listing: behind children's changes

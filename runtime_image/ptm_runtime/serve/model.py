@@ -314,33 +314,43 @@ class OnnxModel:
         self,
         cells: Sequence[tuple[int, int]],
         seconds_per_cell: float = 0.25,
-        budget_seconds: float = 10.0,
+        budget_seconds: float = 20.0,
         beside: OnnxModel | None = None,
+        passes: int = 2,
     ) -> dict[tuple[int, int], float]:
         """Rows per second for each (concurrent runs, batch size) cell, on zero inputs.
 
         A cell of one run uses this session; more runs use `beside` (see single_threaded) when
         given. Each cell runs `runs` threads calling the session with batches of `size` rows for
         about `seconds_per_cell` (every thread finishing at least two runs, after two untimed
-        runs); once `budget_seconds` are spent the remaining cells are skipped (a large model's
-        largest batches). A cell whose run fails ends the measurement (what was measured is
-        returned).
+        runs the first time). The cells are measured `passes` times, every other pass in reverse
+        order, and each keeps its best pass: a large batch's cell holds only two or three runs,
+        and one slow run sank it (resnet18 at 32 rows: 70 rows/s in one pass, 118-143 in
+        others), so the tuning chose smaller, slower batches. Once `budget_seconds` are spent
+        the remaining cells are skipped (a large model's largest batches, or its second pass).
+        A cell whose run fails ends the measurement (what was measured is returned).
         """
         rates: dict[tuple[int, int], float] = {}
         started = time.perf_counter()
-        for runs, size in cells:
-            if rates and time.perf_counter() - started > budget_seconds:
-                break
-            feeds = self.sample_feeds(size)
-            infer = beside.infer if beside is not None and runs > 1 else self.infer
-            try:
-                infer(feeds)  # twice untimed: a new, larger batch's first two runs grow the arena
-                infer(feeds)  # (measured: resnet18 at 32 rows 126, 131, then 147 rows/s)
-                rates[(runs, size)] = size * _runs_per_second(
-                    functools.partial(infer, feeds), runs, seconds_per_cell
-                )
-            except Exception as exc:
-                log.warning("%d runs of batch %d could not be measured (stopping): %s", runs, size, exc)
+        order = list(cells)
+        for done in range(passes):
+            failed = False
+            for runs, size in order if done % 2 == 0 else reversed(order):
+                if rates and time.perf_counter() - started > budget_seconds:
+                    break
+                feeds = self.sample_feeds(size)
+                infer = beside.infer if beside is not None and runs > 1 else self.infer
+                try:
+                    if done == 0:
+                        infer(feeds)  # twice untimed: a new, larger batch's first two runs grow
+                        infer(feeds)  # the arena (resnet18 at 32 rows 126, 131, then 147 rows/s)
+                    rate = size * _runs_per_second(functools.partial(infer, feeds), runs, seconds_per_cell)
+                except Exception as exc:
+                    log.warning("%d runs of batch %d could not be measured (stopping): %s", runs, size, exc)
+                    failed = True
+                    break
+                rates[(runs, size)] = max(rate, rates.get((runs, size), 0.0))
+            if failed:
                 break
         for model in {self, beside or self}:  # what the largest batches left in the arenas
             model.release_memory()
