@@ -235,9 +235,10 @@ def operator_metrics(port: int) -> dict[str, float]:
         "ptm_operator_work_queue_depth",
     }
     for name, labels, value in parse_prometheus(text, wanted):
-        key = name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
-        out[key] = out.get(key, 0.0) + value
         out[name] = out.get(name, 0.0) + value
+        if labels:
+            key = name + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+            out[key] = out.get(key, 0.0) + value
     return out
 
 
