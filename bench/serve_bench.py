@@ -200,8 +200,8 @@ class Cell:
     #: Cores that processes other than this benchmark's kept busy during the cell (a shared
     #: machine's noise: the higher, the less the cell says about the servers).
     others_cores: float | None = None
-    #: Cores the load generator (wrk or ghz) kept busy during the cell: on a machine this small
-    #: it takes them from the server, so a server's rows/s sit below in-process by about this.
+    #: Cores the load generator (wrk or ghz) kept busy during the cell, on the server's cores
+    #: (0.01-0.09 in the runs recorded: not what separates a server from in-process).
     client_cores: float | None = None
     #: ptm only, from its own metrics: mean time per request inside the server that is neither
     #: queueing nor model compute (decode, validation, batching, encode), in ms.

@@ -325,8 +325,8 @@ class OnnxModel:
         about `seconds_per_cell` (every thread finishing at least two runs, after two untimed
         runs the first time). The cells are measured `passes` times, every other pass in reverse
         order, and each keeps its best pass: a large batch's cell holds only two or three runs,
-        and one slow run sank it (resnet18 at 32 rows: 70 rows/s in one pass, 118-143 in
-        others), so the tuning chose smaller, slower batches. Once `budget_seconds` are spent
+        and one slow run sank it (resnet18 at 32 rows: 70 rows/s in one server's tuning, 118 in
+        another's). Once `budget_seconds` are spent
         the remaining cells are skipped (a large model's largest batches, or its second pass).
         A cell whose run fails ends the measurement (what was measured is returned).
         """
