@@ -616,6 +616,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> RunResult:
         while True:
             ready, reasons = ready_table(api)
             now = time.monotonic() - t0
+            printing = now - last_print >= 10
             result.timeline.append(
                 Sample(
                     t=round(now, 2),
@@ -623,7 +624,11 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> RunResult:
                     reasons=dict(reasons),
                     operator_rss_mib=round(proc_status_kib(operator.pid, "VmRSS") / 1024, 1),
                     operator_cpu_s=round(cpu_seconds(operator.pid) - op_cpu_before, 2),
-                    queue_depth=operator_metrics(operator.metrics_port).get("ptm_operator_work_queue_depth"),
+                    # read with the progress line only: a /metrics scrape per poll is load on
+                    # the process measured
+                    queue_depth=operator_metrics(operator.metrics_port).get("ptm_operator_work_queue_depth")
+                    if printing
+                    else None,
                 )
             )
             result.ready = ready
@@ -641,7 +646,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> RunResult:
             if time.monotonic() >= deadline:
                 result.timed_out = True
                 break
-            if now - last_print >= 10:
+            if printing:
                 last_print = now
                 depth = result.timeline[-1].queue_depth
                 print(
@@ -914,6 +919,14 @@ def markdown(results: list[RunResult], args: argparse.Namespace, command: str) -
         for stage, v in r.stages.items():
             lines.append(f"| {stage} | {v['n']:.0f} | {v['p50']:.0f} | {v['p90']:.0f} | {v['max']:.0f} |")
     env = " ".join(f"{k}={v}" for k, v in args.operator_env) or "(defaults)"
+    raised = [
+        (name, flags)
+        for name, flags in (
+            ("kube-controller-manager", args.controller_manager_arg),
+            ("kube-scheduler", args.scheduler_arg),
+        )
+        if flags
+    ]
     lines += [
         "",
         f"Machine: {machine()}; load average before and after each run: "
@@ -921,17 +934,8 @@ def markdown(results: list[RunResult], args: argparse.Namespace, command: str) -
         + ".",
         f"Command: `{command}`. Operator settings: {env}. Cluster: {args.gpu_nodes} kwok GPU nodes x "
         f"{args.gpus_per_node} `nvidia.com/gpu` and {args.cpu_nodes} CPU nodes, a fresh control plane per N"
-        + (
-            f", kube-controller-manager {' '.join(args.controller_manager_arg)}"
-            if args.controller_manager_arg
-            else ""
-        )
-        + (f", kube-scheduler {' '.join(args.scheduler_arg)}" if args.scheduler_arg else "")
-        + (
-            "."
-            if args.controller_manager_arg or args.scheduler_arg
-            else ", every component at its default settings."
-        ),
+        + "".join(f", {name} {' '.join(flags)}" for name, flags in raised)
+        + ("." if raised else ", every component at its default settings."),
     ]
     return "\n".join(lines) + "\n"
 

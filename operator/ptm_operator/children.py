@@ -217,8 +217,8 @@ def wakes_owner(previous: Record | None, current: Record | None) -> bool:
     waiting, restarts, last termination), both when it starts and when it clears. Readiness is
     followed on the pods, not only through the Deployment: its readyReplicas follows a pod's
     Ready after the ReplicaSet and Deployment controllers' status writes (20 s p50 at N=1000 on
-    a saturated control plane). A serving pod's appearance and disappearance are the
-    Deployment's (its replica counts change).
+    a saturated control plane). A serving pod that appears or vanishes wakes its model only
+    when it is ready or in trouble; its replica counts are the Deployment's.
     """
     if previous == current:
         return False

@@ -42,6 +42,7 @@ from ptm_operator.children import (
     POD,
     ChildIndex,
     ModelCache,
+    Record,
     model_key,
     same_for_planning,
     urgent_model_event,
@@ -423,9 +424,10 @@ class WorkQueue:
 
     def add_after(self, namespace: str, name: str, seconds: float, cause: str) -> None:
         with self._ready:
-            self._keys.add_later((namespace, name), time.monotonic() + seconds)
-            self._ready.notify()
-        metrics().queued.labels(cause, "false").inc()
+            added = self._keys.add_later((namespace, name), time.monotonic() + seconds)
+            if added:
+                self._ready.notify()
+        metrics().queued.labels(cause, str(not added).lower()).inc()
 
     def looked_since(self, namespace: str, name: str, seconds: float) -> bool:
         """Whether a reconcile of the model started within the last `seconds`."""
@@ -474,10 +476,14 @@ def child_queue() -> WorkQueue:
 _CHILD_KINDS = {"jobs": JOB, "deployments": DEPLOYMENT, "pods": POD}
 
 
-def _index_child(kind: str, body: kopf.Body) -> None:
-    owner, previous, current = child_index().upsert(kind, dict(body))
+def _wake(owner: tuple[str, str] | None, previous: Record | None, current: Record | None, kind: str) -> None:
+    """Queue the model owning a child (namespace, model label) when the change is worth it."""
     if owner is not None and wakes_owner(previous, current):
         child_queue().add(owner[0], model_cache().name_for(*owner), kind)
+
+
+def _index_child(kind: str, body: kopf.Body) -> None:
+    _wake(*child_index().upsert(kind, dict(body)), kind)
 
 
 # Indexes, not plain event handlers, so that kopf holds every resource handler until the
@@ -510,9 +516,7 @@ async def child_event(body: kopf.Body, type: str | None, resource: kopf.Resource
     if type != "DELETED":
         return
     kind = _CHILD_KINDS[resource.plural]
-    owner, previous = child_index().remove(kind, dict(body))
-    if owner is not None and wakes_owner(previous, None):
-        child_queue().add(owner[0], model_cache().name_for(*owner), kind)
+    _wake(*child_index().remove(kind, dict(body)), None, kind)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -550,7 +554,7 @@ async def health(body: kopf.Body, **_: Any) -> None:
     Only a queue entry (deduplicated with children's events); the reconcile runs on the work
     queue's threads, behind children's changes and new models (a thousand timers running
     reconciles in kopf's thread pool once delayed new models' first reconciles by 18-21 s).
-    None when a reconcile looked within the last half interval (children's changes queue one
+    No entry when a reconcile looked within the last half interval (children's changes queue one
     every few seconds while a model converts and starts: at N=1000 the ticks were a third of
     all reconciles, 3.6 per model, on a saturated work queue). A model is looked at least every
     1.5 intervals.

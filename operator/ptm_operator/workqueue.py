@@ -41,14 +41,15 @@ class Keys(Generic[K]):
         (self._urgent if urgent else self._routine).append(key)
         return True
 
-    def add_later(self, key: K, due: float) -> None:
+    def add_later(self, key: K, due: float) -> bool:
         """Queue `key` (urgent) once the clock passed by pop() reaches `due`; an earlier time
-        for the same key wins."""
+        for the same key wins. True when this call queued it or brought it forward."""
         if key in self._due and self._due[key] <= due:
-            return
+            return False
         self._due[key] = due
         self._added += 1  # ties broken by insertion, keys need not be ordered
         heapq.heappush(self._timeline, (due, self._added, key))
+        return True
 
     def next_due(self) -> float | None:
         """When the earliest key queued for later comes due; None when none is."""

@@ -55,13 +55,20 @@ class Operator(LocalOperator):
 
 
 def get(
-    cluster: Cluster, namespace: str, kind: str, name: str | None = None, selector: str | None = None
+    cluster: Cluster,
+    namespace: str,
+    kind: str,
+    name: str | None = None,
+    selector: str | None = None,
+    managed_fields: bool = False,
 ) -> Any:
     args = ["get", kind, "-n", namespace, "-o", "json"]
     if name:
         args.insert(2, name)
     if selector:
         args += ["-l", selector]
+    if managed_fields:
+        args.append("--show-managed-fields")
     proc = cluster.kubectl(*args, check=False)
     if proc.returncode != 0:
         return None

@@ -89,10 +89,9 @@ def test_conversion_then_gpu_serving_then_ready(cluster: Cluster, namespace: str
     meta = get(cluster, namespace, "pretrainedmodels", "resnet50")["metadata"]
     assert not [k for k in meta.get("annotations", {}) if k.startswith("ptm.dev/")], meta["annotations"]
     assert meta.get("finalizers")
-    shown = cluster.kubectl(
-        "get", "pretrainedmodels", "resnet50", "-n", namespace, "-o", "json", "--show-managed-fields"
-    )
-    fields = json.loads(shown.stdout)["metadata"]["managedFields"]
+    fields = get(cluster, namespace, "pretrainedmodels", "resnet50", managed_fields=True)["metadata"][
+        "managedFields"
+    ]
     assert {f["manager"] for f in fields if f.get("subresource") == "status"} == {"ptm-operator"}, fields
 
 

@@ -50,8 +50,8 @@ def test_a_key_taken_can_be_queued_again() -> None:
 
 def test_keys_queued_for_later_join_the_urgent_level_when_due() -> None:
     keys: Keys[str] = Keys()
-    keys.add_later("paused", due=10.0)
-    keys.add_later("paused", due=30.0)  # a later time for the same key: the earlier one stands
+    assert keys.add_later("paused", due=10.0)
+    assert not keys.add_later("paused", due=30.0)  # a later time for the same key: the earlier one stands
     keys.add_later("interval", due=20.0)
     keys.add("tick", urgent=False)
     assert keys.next_due() == 10.0
@@ -60,7 +60,7 @@ def test_keys_queued_for_later_join_the_urgent_level_when_due() -> None:
     assert keys.pop(now=10.0) == "paused"  # due: urgent, before the routine tick
     assert keys.pop(now=10.0) == "tick"
     assert keys.next_due() == 20.0
-    keys.add_later("interval", due=15.0)  # an earlier time supersedes the queued one
+    assert keys.add_later("interval", due=15.0)  # an earlier time supersedes the queued one
     assert keys.next_due() == 15.0 and keys.pop(now=15.0) == "interval"
     assert keys.next_due() is None and keys.pop(now=100.0) is None
 

@@ -332,26 +332,22 @@ class OnnxModel:
         """
         rates: dict[tuple[int, int], float] = {}
         started = time.perf_counter()
-        order = list(cells)
-        for done in range(passes):
-            failed = False
-            for runs, size in order if done % 2 == 0 else reversed(order):
-                if rates and time.perf_counter() - started > budget_seconds:
-                    break
-                feeds = self.sample_feeds(size)
-                infer = beside.infer if beside is not None and runs > 1 else self.infer
-                try:
-                    if done == 0:
-                        infer(feeds)  # twice untimed: a new, larger batch's first two runs grow
-                        infer(feeds)  # the arena (resnet18 at 32 rows 126, 131, then 147 rows/s)
-                    rate = size * _runs_per_second(functools.partial(infer, feeds), runs, seconds_per_cell)
-                except Exception as exc:
-                    log.warning("%d runs of batch %d could not be measured (stopping): %s", runs, size, exc)
-                    failed = True
-                    break
-                rates[(runs, size)] = max(rate, rates.get((runs, size), 0.0))
-            if failed:
+        forward = list(cells)
+        schedule = [(p, cell) for p in range(passes) for cell in (forward if p % 2 == 0 else forward[::-1])]
+        for p, (runs, size) in schedule:
+            if rates and time.perf_counter() - started > budget_seconds:
                 break
+            feeds = self.sample_feeds(size)
+            infer = beside.infer if beside is not None and runs > 1 else self.infer
+            try:
+                if p == 0:
+                    infer(feeds)  # twice untimed: a new, larger batch's first two runs grow the
+                    infer(feeds)  # arena (resnet18 at 32 rows 126, 131, then 147 rows/s)
+                rate = size * _runs_per_second(functools.partial(infer, feeds), runs, seconds_per_cell)
+            except Exception as exc:
+                log.warning("%d runs of batch %d could not be measured (stopping): %s", runs, size, exc)
+                break
+            rates[(runs, size)] = max(rate, rates.get((runs, size), 0.0))
         for model in {self, beside or self}:  # what the largest batches left in the arenas
             model.release_memory()
         return rates
