@@ -329,7 +329,8 @@ class BatchingOptions(Options):
     the smallest size whose rows per second come within 1% of the best (on CPUs a transformer
     often runs fastest at 2-4 rows, a CNN at the largest batch)."""
     max_queue_delay_ms: float = Field(default=5.0, ge=0, le=10000)
-    """How long the first queued request waits for others to join its batch."""
+    """How long the first queued request waits for others to join its batch. It waits only
+    while other requests are still being read or decoded: a lone request runs at once."""
     max_queue_size: int = Field(default=256, ge=1, le=100000)
     """Queued requests beyond this are refused with 429 / RESOURCE_EXHAUSTED."""
 

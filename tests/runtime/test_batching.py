@@ -184,6 +184,56 @@ def test_batches_close_at_the_preferred_size(linear: OnnxModel) -> None:
     assert rows == [3, 3, 3, 3, 5, 3]
 
 
+def test_a_forming_batch_waits_only_while_requests_are_arriving(linear: OnnxModel) -> None:
+    """The queue delay is 10 s here: every wait below that ends sooner is the arriving count's."""
+    arriving = [0]
+
+    async def main() -> None:
+        batcher = Batcher(
+            linear.infer,
+            max_batch_size=16,
+            max_queue_delay_ms=10_000,
+            max_queue_size=64,
+            batching=True,
+            arriving=lambda: arriving[0],
+        )
+        batcher.start()
+
+        def submit(rows: int, seed: int) -> asyncio.Future[Any]:
+            return asyncio.ensure_future(batcher.submit(_feeds(rows, seed), rows, ("same",), timeout=30))
+
+        async def forming() -> None:  # the batcher took the request and waits for company
+            while batcher.depth:
+                await asyncio.sleep(0.001)
+
+        # Nothing else arriving: a lone request runs at once instead of waiting out the delay.
+        lone = await asyncio.wait_for(submit(1, 0), 5)
+        assert lone.batch_rows == 1
+        # One more on its way: the batch waits for it, and closes when it is queued.
+        arriving[0] = 1
+        first = submit(2, 1)
+        await forming()
+        await asyncio.sleep(0.05)
+        assert not first.done()  # still waiting for the arriving request
+        arriving[0] = 0
+        second = submit(3, 2)
+        results = await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert [r.batch_rows for r in results] == [5, 5]
+        np.testing.assert_allclose(
+            results[1].outputs["y"], models.linear_reference(**_feeds(3, 2))["y"], rtol=1e-6
+        )
+        # The arriving request fails before it is queued: the server wakes the batcher.
+        arriving[0] = 1
+        waiting = submit(1, 3)
+        await forming()
+        arriving[0] = 0
+        batcher.wake()
+        assert (await asyncio.wait_for(waiting, 5)).batch_rows == 1
+        assert await batcher.close(5)
+
+    asyncio.run(main())
+
+
 def test_batch_sizes_to_try_doubles_up_to_the_maximum() -> None:
     assert batch_sizes_to_try(1) == [1]
     assert batch_sizes_to_try(8) == [1, 2, 4, 8]

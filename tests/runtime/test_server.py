@@ -461,6 +461,32 @@ def test_batching_on_and_off_give_identical_outputs(
     )  # every batch had exactly one row
 
 
+def test_a_lone_request_does_not_wait_out_the_queue_delay(
+    serve_factory: ServeFactory, linear_model: Path
+) -> None:
+    """A 10 s queue delay, one client: nothing else is arriving, so nothing is waited for."""
+    patient = serve_factory(
+        linear_model, "--model-name", "linear", "--max-batch-size", "8", "--max-queue-delay-ms", "10000",
+        "--preferred-batch-size", "8", "--concurrent-runs", "1",
+    )  # fmt: skip
+    feeds = _feeds(2, 900)
+    want = _ort(linear_model, feeds)
+    with httpx.Client(base_url=patient.url, timeout=5) as http:
+        for _ in range(3):
+            response = http.post("/v2/models/linear/infer", json=_json_body(feeds))
+            assert response.status_code == 200, response.text
+            np.testing.assert_array_equal(_from_json(response.json()["outputs"][0]), want["y"])
+        bad = http.post("/v2/models/linear/infer", content=b"{not json")  # fails before the queue
+        assert bad.status_code == 400
+    client = triton_grpc.InferenceServerClient(patient.grpc_target)
+    inputs = [triton_grpc.InferInput("x", [2, 4], "FP32"), triton_grpc.InferInput("k", [2, 2], "INT64")]
+    inputs[0].set_data_from_numpy(feeds["x"])
+    inputs[1].set_data_from_numpy(feeds["k"])
+    result = client.infer("linear", inputs, client_timeout=5)
+    np.testing.assert_array_equal(result.as_numpy("y"), want["y"])
+    assert patient.metric("ptm_batch_size_count", model="linear") >= 4
+
+
 @pytest.fixture(scope="module")
 def slow_server(serve_factory: ServeFactory, slow_model: Path) -> ServeProcess:
     """One request computes at a time (about 0.4 s), one more may wait."""

@@ -2,11 +2,14 @@
 
 One asyncio task forms batches; up to `concurrent_runs` worker threads run them (ONNX Runtime
 sessions are thread-safe and release the GIL, so the event loop keeps decoding and queueing while
-batches compute). A batch forms when a worker is free: whatever queued meanwhile joins it. Triton's semantics: the first request of a batch waits at most `maxQueueDelayMs` for
-others; the batch closes earlier when `preferredBatchSize` rows are reached (the batch size
-the model runs fastest at per row, measured at load by `choose_execution`; `maxBatchSize` is
-the most rows one request may carry). Requests are merged only
-when their non-batch dimensions agree (same signature key); others wait their turn in order.
+batches compute). A batch forms when a worker is free: whatever queued meanwhile joins it. The first request of a
+batch waits at most `maxQueueDelayMs` for others (Triton's semantics), and the batch closes
+earlier when `preferredBatchSize` rows are reached (the batch size the model runs fastest at per
+row, measured at load by `choose_execution`; `maxBatchSize` is the most rows one request may
+carry) or when no other request is on its way: the server says how many requests it is still
+reading or decoding (`arriving`), and when none is, waiting could only add latency (a lone
+client would pay the whole delay on every request). Requests are merged only when their
+non-batch dimensions agree (same signature key); others wait their turn in order.
 
 Memory stays bounded: at most `maxQueueSize` requests wait; the next one is refused at once
 (QueueFull → 429 / RESOURCE_EXHAUSTED) rather than queued. Every request carries a deadline; one
@@ -73,9 +76,11 @@ class Batcher:
         concurrent_runs: int = 1,
         preferred_batch_size: int | None = None,
         run_beside: RunFn | None = None,
+        arriving: Callable[[], int] | None = None,
         metrics: ServeMetrics | None = None,
     ) -> None:
         self._run = run
+        self._arriving = arriving
         self._run_beside = run_beside or run
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_ms / 1000.0
@@ -103,6 +108,14 @@ class Batcher:
     def idle(self) -> bool:
         """Nothing queued and no batch computing."""
         return not self._queue and not self._running
+
+    def wake(self) -> None:
+        """A request the server was reading or decoding will not be queued (it failed): a
+        forming batch stops waiting for it."""
+        self._arrived.set()
+
+    def _more_coming(self) -> bool:
+        return self._arriving is None or self._arriving() > 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="ptm-batcher")
@@ -255,7 +268,12 @@ class Batcher:
                 self._arrived.clear()
                 rows = self._take_compatible(batch, rows)
                 remaining = close_at - time.monotonic()
-                if rows >= self.preferred_batch_size or remaining <= 0 or self._closed:
+                if (
+                    rows >= self.preferred_batch_size
+                    or remaining <= 0
+                    or self._closed
+                    or not self._more_coming()
+                ):
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), remaining)

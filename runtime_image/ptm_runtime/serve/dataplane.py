@@ -75,6 +75,15 @@ class InferResponse:
     compute_seconds: float = 0.0
 
 
+@dataclass
+class Ticket:
+    """One inference request's passage through the server, from `begin` to `end`."""
+
+    started: float
+    #: Handed to the batcher: no longer one the server is reading or decoding.
+    queued: bool = False
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     name: str
@@ -191,6 +200,9 @@ class DataPlane:
         self.batcher: Batcher | None = None
         self.draining = False
         self.in_flight = 0
+        #: Requests begun but not yet queued (body being read, decoded, validated): a forming
+        #: batch waits for them, and only for them.
+        self.arriving = 0
         self._inputs: dict[str, TensorInfo] = {}
         self._outputs: dict[str, TensorInfo] = {}
 
@@ -261,9 +273,15 @@ class DataPlane:
     # inference
 
     async def infer(
-        self, name: str, version: str | None, request: InferRequest, deadline_s: float | None = None
+        self,
+        name: str,
+        version: str | None,
+        request: InferRequest,
+        deadline_s: float | None = None,
+        ticket: Ticket | None = None,
     ) -> InferResponse:
-        """Validate, queue, and answer one request (outputs in the requested order)."""
+        """Validate, queue, and answer one request (outputs in the requested order); `ticket`
+        is the one `begin` gave the transport for this request."""
         model = self._model(name, version)
         if self.draining or self.batcher is None:
             raise Unavailable("the server is shutting down and takes no new requests")
@@ -274,6 +292,8 @@ class DataPlane:
         if timeout <= 0:
             raise InvalidInput("the request's deadline has already passed")
         feeds = {t.name: t.data for t in request.inputs}
+        if ticket is not None:
+            self._queued(ticket)
         result = await batcher.submit(feeds, rows, key, timeout)
         outputs = []
         for out in wanted:
@@ -360,16 +380,27 @@ class DataPlane:
 
     # bookkeeping shared by the transports
 
-    def begin(self) -> float:
+    def begin(self) -> Ticket:
+        """A request has come in (its body may still be on the wire)."""
         self.in_flight += 1
+        self.arriving += 1
         if self.metrics is not None:
             self.metrics.add_in_flight(1)
-        return time.perf_counter()
+        return Ticket(time.perf_counter())
 
-    def end(self, protocol: str, code: int, started: float, response: InferResponse | None = None) -> None:
+    def _queued(self, ticket: Ticket) -> None:
+        if not ticket.queued:
+            ticket.queued = True
+            self.arriving -= 1
+
+    def end(self, protocol: str, code: int, ticket: Ticket, response: InferResponse | None = None) -> None:
         self.in_flight -= 1
+        if not ticket.queued:  # failed before the queue: a forming batch must not wait for it
+            self._queued(ticket)
+            if self.batcher is not None:
+                self.batcher.wake()
         if self.metrics is not None:
-            seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - ticket.started
             self.metrics.add_in_flight(-1)
             self.metrics.observe_request(protocol, code, seconds)
             if response is not None:

@@ -135,7 +135,7 @@ class InferenceServicer:
 
     async def ModelInfer(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         plane = self.plane
-        started = plane.begin()
+        ticket = plane.begin()
         code = 500
         answered: InferResponse | None = None
         try:
@@ -143,7 +143,7 @@ class InferenceServicer:
             parsed = decode_request(request, plane.max_elements)
             remaining = context.time_remaining()
             result = answered = await plane.infer(
-                request.model_name, request.model_version or None, parsed, remaining
+                request.model_name, request.model_version or None, parsed, remaining, ticket
             )
             response = pb.ModelInferResponse(
                 model_name=result.model_name, model_version=result.model_version, id=result.id or ""
@@ -162,7 +162,7 @@ class InferenceServicer:
             log.exception("unexpected failure in a gRPC inference")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            plane.end(PROTOCOL, code, started, answered)
+            plane.end(PROTOCOL, code, ticket, answered)
 
 
 async def _abort(context: aio.ServicerContext[Any, Any], exc: ServeError) -> Any:

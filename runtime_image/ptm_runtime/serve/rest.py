@@ -311,7 +311,7 @@ def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
         )
 
     async def infer(request: Request) -> Response:
-        started = plane.begin()
+        ticket = plane.begin()
         code = 500
         answered: InferResponse | None = None
         try:
@@ -329,7 +329,9 @@ def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
                     ) from None
             body = await read_body(request, max_body_bytes)
             parsed, binary = parse_infer_request(body, header_length, plane.max_elements)
-            result = answered = await unless_disconnected(request.receive, plane.infer(name, version, parsed))
+            result = answered = await unless_disconnected(
+                request.receive, plane.infer(name, version, parsed, ticket=ticket)
+            )
             content, json_length = encode_infer_response(result, binary)
             code = 200
             if json_length is None:
@@ -347,7 +349,7 @@ def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
             log.exception("unexpected failure in a REST inference")
             return _json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
         finally:
-            plane.end(PROTOCOL, code, started, answered)
+            plane.end(PROTOCOL, code, ticket, answered)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 404

@@ -168,6 +168,7 @@ class Server:
             max_queue_size=batching.max_queue_size,
             batching=model.dynamic_batch,
             concurrent_runs=runs,
+            arriving=lambda: self.plane.arriving,
             metrics=self.metrics,
         )
         batcher.start()
