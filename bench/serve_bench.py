@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import platform
-import resource
 import shutil
 import signal
 import socket
@@ -37,7 +37,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -218,11 +220,6 @@ def machine_busy() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _tree(pid: int) -> list[int]:
     pids, todo = [], [pid]
     while todo:
@@ -256,115 +253,170 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+#: wrk counts every response of its run; a run starts with every connection sending at once,
+#: and nothing completes for one latency (a 32-row batch of resnet18: 250 ms, 8% of a 3 s
+#: cell), which the in-process runner, timing whole runs back to back, never pays. So each
+#: thread counts only the responses completed inside the window after the ramp (CLOCK_MONOTONIC,
+#: the clock of Python's time.monotonic()); in steady state that count is the throughput.
 WRK_LUA = """
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct {{ long tv_sec; long tv_nsec; }} bench_timespec;
+int clock_gettime(int clock, bench_timespec *ts);
+]]
+local ts = ffi.new("bench_timespec")
+local function now()
+  ffi.C.clock_gettime(1, ts)
+  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
 local f = assert(io.open("{body}", "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 {headers}
+local threads = {{}}
+function setup(thread)
+  table.insert(threads, thread)
+end
+ok, bad = 0, 0
+function response(status, headers, body)
+  local t = now()
+  if t >= {start:.6f} and t < {end:.6f} then
+    if status == 200 then ok = ok + 1 else bad = bad + 1 end
+  end
+end
 function done(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("RESULT %d %d %d %d %f %f\\n", summary.requests, summary.duration, e.status,
-    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
+  local n_ok, n_bad = 0, 0
+  for _, thread in ipairs(threads) do
+    n_ok = n_ok + thread:get("ok")
+    n_bad = n_bad + thread:get("bad")
+  end
+  io.write(string.format("RESULT %d %d %d %d %f %f %d %d\\n", summary.requests, summary.duration,
+    e.status, e.connect + e.read + e.write + e.timeout, latency:percentile(50),
+    latency:percentile(99), n_ok, n_bad))
 end
 """
 
 
-def run_wrk(
-    url: str, body: Path, headers: dict[str, str], concurrency: int, seconds: float, lua: Path
-) -> Cell:
-    lines = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
-    lua.write_text(WRK_LUA.format(body=body, headers=lines))
-    threads = min(2, concurrency)
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t",
-            str(threads),
-            "-c",
-            str(concurrency),
-            "-d",
-            f"{seconds}s",
-            "--timeout",
-            "30s",
-            "-s",
-            str(lua),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=True,
-    ).stdout
+@dataclass(frozen=True)
+class Window:
+    """The measured part of a load run, in time.monotonic() seconds (and wall-clock seconds at
+    its start, for ghz's timestamps)."""
+
+    start: float
+    end: float
+    wall_start: float
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def _sleep_until(t: float) -> None:
+    time.sleep(max(0.0, t - time.monotonic()))
+
+
+Snapshot = dict[str, Any]
+
+
+def run_load(
+    wire: str,
+    target: str,
+    file: tuple[Path, dict[str, str]],
+    concurrency: int,
+    seconds: float,
+    ramp: float,
+    tools: tuple[str, Path],
+    meter: Callable[[int], Snapshot] | None = None,
+) -> tuple[Cell, Snapshot | None, Snapshot | None]:
+    """Load `target` for `ramp` + `seconds` (+ a margin), counting the responses completed in
+    the last `seconds` of that; `meter(generator_pid)` is read at the window's edges."""
+    ghz, lua = tools
+    body, headers = file
+    launched = time.monotonic()
+    window = Window(launched + ramp, launched + ramp + seconds, time.time() + ramp)
+    run_for = f"{math.ceil(ramp + seconds + 0.5)}s"  # the window closes before the generator stops
+    if wire == "grpc":
+        cmd = [
+            ghz, "--insecure", "--proto", str(PROTO),
+            "--call", "inference.GRPCInferenceService.ModelInfer", "-B", str(body),
+            "-c", str(concurrency), "--connections", str(min(concurrency, 4)), "-z", run_for,
+            "--count-errors", "-O", "json", target,
+        ]  # fmt: skip
+    else:
+        lines = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
+        lua.write_text(WRK_LUA.format(body=body, headers=lines, start=window.start, end=window.end))
+        threads = min(2, concurrency)
+        cmd = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", run_for, "--timeout", "30s",
+               "-s", str(lua), target]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    before = after = None
+    try:
+        if meter is not None:
+            _sleep_until(window.start)
+            before = meter(proc.pid)
+            _sleep_until(window.end)
+            after = meter(proc.pid)
+        out, err = proc.communicate(timeout=ramp + seconds + 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    cell = _ghz_cell(out, err, concurrency, window) if wire == "grpc" else _wrk_cell(out, concurrency, window)
+    return cell, before, after
+
+
+def _wrk_cell(out: str, concurrency: int, window: Window) -> Cell:
     line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
-    requests, duration_us, status_errors, socket_errors, p50_us, p99_us = line.split()[1:]
-    seconds_run = int(duration_us) / 1e6
-    n = int(requests)
+    requests, run_us, status_errors, socket_errors, p50_us, p99_us, ok, bad = line.split()[1:]
     errors = int(status_errors) + int(socket_errors)
     return Cell(
         "",
         "",
         concurrency,
-        requests=n,
+        requests=int(ok) + int(bad),
         errors=errors,
-        seconds=seconds_run,
-        rps=(n - errors) / seconds_run,
+        seconds=window.seconds,
+        rps=int(ok) / window.seconds,
         p50_ms=float(p50_us) / 1000,
         p99_ms=float(p99_us) / 1000,
+        # What wrk itself reports (ramp included): kept to show the difference.
+        extra={"whole_run_rps": (int(requests) - errors) / (int(run_us) / 1e6)},
     )
 
 
 _GHZ_CLOSING = "rpc error: code = Unavailable desc = transport is closing"
 
 
-def run_ghz(target: str, body: Path, concurrency: int, seconds: float, ghz: str) -> Cell:
-    out = subprocess.run(
-        [
-            ghz,
-            "--insecure",
-            "--proto",
-            str(PROTO),
-            "--call",
-            "inference.GRPCInferenceService.ModelInfer",
-            "-B",
-            str(body),
-            "-c",
-            str(concurrency),
-            "--connections",
-            str(min(concurrency, 4)),
-            "-z",
-            f"{seconds}s",
-            "--count-errors",
-            "-O",
-            "json",
-            target,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=False,
-    )
-    if not out.stdout.strip():
-        raise RuntimeError(f"ghz failed: {out.stderr}")
-    doc = json.loads(out.stdout)
-    statuses = doc.get("statusCodeDistribution") or {}
-    ok = int(statuses.get("OK", 0))
+def _ghz_cell(out: str, err: str, concurrency: int, window: Window) -> Cell:
+    if not out.strip():
+        raise RuntimeError(f"ghz failed: {err}")
+    doc = json.loads(out)
     # ghz cancels the calls still in flight when the duration ends ("transport is closing"):
-    # an artifact of stopping, not a server error, so those are left out of the count.
+    # an artifact of stopping, not a server error, so those are left out of the error count.
     closing = int((doc.get("errorDistribution") or {}).get(_GHZ_CLOSING, 0))
-    n = int(doc["count"]) - closing
+    statuses = doc.get("statusCodeDistribution") or {}
+    errors = int(doc["count"]) - int(statuses.get("OK", 0)) - closing
+    ok = 0
+    wall_end = window.wall_start + window.seconds
+    for d in doc.get("details") or []:
+        started = datetime.fromisoformat(d["timestamp"]).timestamp()
+        done = started + d["latency"] / 1e9
+        if d.get("status") == "OK" and window.wall_start <= done < wall_end:
+            ok += 1
     pct = {int(d["percentage"]): d["latency"] / 1e6 for d in doc.get("latencyDistribution") or []}
-    duration = doc["total"] / 1e9
     return Cell(
         "",
         "",
         concurrency,
-        requests=n,
-        errors=n - ok,
-        seconds=duration,
-        rps=ok / duration,
+        requests=ok,
+        errors=errors,
+        seconds=window.seconds,
+        rps=ok / window.seconds,
         p50_ms=pct.get(50, 0.0),
         p99_ms=pct.get(99, 0.0),
+        extra={"whole_run_rps": int(statuses.get("OK", 0)) / (doc["total"] / 1e9)},
     )
 
 
@@ -545,13 +597,13 @@ class Server:
                     count += s.value
         return total, count
 
-    def stack_ms(self, before: tuple[float, float]) -> float | None:
-        """Mean ms per request that ptm spent outside the queue and the model, since `before`."""
+    def stack_ms(self, before: tuple[float, float], after: tuple[float, float]) -> float | None:
+        """Mean ms per request that ptm spent outside the queue and the model between two
+        readings of stack_totals."""
         if self.kind != "ptm":
             return None
-        total, count = self.stack_totals()
-        n = count - before[1]
-        return (total - before[0]) / n * 1000 if n else None
+        n = after[1] - before[1]
+        return (after[0] - before[0]) / n * 1000 if n else None
 
     def wait_ready(self, timeout: float = 120) -> None:
         """Poll the model's readiness cheaply: `ptm serve` times the model while it loads, and a
@@ -665,20 +717,49 @@ def machine() -> dict[str, str]:
     }
 
 
+#: A measured cell's window opens this long after its load generator starts, and at least 1.5
+#: times the warm-up's p99 latency: by then every connection has had an answer and the server
+#: is in steady state.
+MIN_RAMP_S = 1.0
+MAX_RAMP_S = 10.0
+
+
 def load_cell(
     server: Server,
     wire: str,
     file: tuple[Path, dict[str, str]],
     concurrency: int,
     seconds: float,
-    ghz: str,
-    lua: Path,
+    warmup: float,
+    tools: tuple[str, Path],
 ) -> Cell:
-    body, headers = file
-    if wire == "grpc":
-        return run_ghz(f"127.0.0.1:{server.grpc}", body, concurrency, seconds, ghz)
-    url = f"http://127.0.0.1:{server.http}/v2/models/m/infer"
-    return run_wrk(url, body, headers, concurrency, seconds, lua)
+    """A warm-up and then the measured run; CPU, cores and ptm's own overhead over its window."""
+    target = (
+        f"127.0.0.1:{server.grpc}" if wire == "grpc" else f"http://127.0.0.1:{server.http}/v2/models/m/infer"
+    )
+    warm, _, _ = run_load(wire, target, file, concurrency, warmup, 0.0, tools)
+    ramp = min(MAX_RAMP_S, max(MIN_RAMP_S, 1.5 * warm.p99_ms / 1000))
+
+    def meter(generator: int) -> Snapshot:
+        return {
+            "t": time.monotonic(),
+            "server": cpu_seconds(server.proc.pid),
+            "client": cpu_seconds(generator),
+            "busy": machine_busy(),
+            "stack": server.stack_totals(),
+        }
+
+    cell, before, after = run_load(wire, target, file, concurrency, seconds, ramp, tools, meter)
+    assert before is not None and after is not None
+    wall = after["t"] - before["t"]
+    cpu = after["server"] - before["server"]
+    client = after["client"] - before["client"]
+    cell.client_cores = client / wall
+    cell.cpu_ms_per_request = cpu / max(cell.requests, 1) * 1000
+    cell.others_cores = max(0.0, after["busy"] - before["busy"] - cpu - client) / wall
+    cell.stack_ms = server.stack_ms(before["stack"], after["stack"])
+    cell.extra["ramp_s"] = round(ramp, 2)
+    return cell
 
 
 def run(args: argparse.Namespace) -> list[Cell]:
@@ -716,20 +797,8 @@ def run(args: argparse.Namespace) -> list[Cell]:
                 for wire in wires:
                     verify(server, wire, files, want)
                     for c in args.concurrency:
-                        load_cell(server, wire, files[wire], c, args.warmup, ghz, lua)
-                        stack0 = server.stack_totals()
-                        cpu0, busy0, client0 = cpu_seconds(server.proc.pid), machine_busy(), children_cpu()
-                        wall0 = time.monotonic()
-                        cell = load_cell(server, wire, files[wire], c, args.duration, ghz, lua)
-                        wall = time.monotonic() - wall0
-                        cpu = cpu_seconds(server.proc.pid) - cpu0
-                        client = children_cpu() - client0
-                        others = machine_busy() - busy0 - cpu - client
+                        cell = load_cell(server, wire, files[wire], c, args.duration, args.warmup, (ghz, lua))
                         cell.model, cell.target = model, f"{kind}-{wire}"
-                        cell.client_cores = client / wall
-                        cell.cpu_ms_per_request = cpu / max(cell.requests, 1) * 1000
-                        cell.others_cores = max(0.0, others) / wall
-                        cell.stack_ms = server.stack_ms(stack0)
                         cell.rss_mb = rss_mb(server.proc.pid)
                         settle(server.proc.pid)
                         cells.append(cell)
@@ -780,16 +849,19 @@ def markdown(cells: list[Cell], info: dict[str, str], command: str, duration: fl
         out += [
             f"### {model}",
             "",
-            "| target | c | rows/s | vs in-process best | p50 ms | p99 ms | p50 vs in-process c=1 | errors "
-            "| server CPU ms/req | server cores | client cores | RSS MB | ptm stack ms | other load (cores) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| target | c | rows/s | vs in-process best | rows/s, whole run | p50 ms | p99 ms | p50 vs in-process c=1 "
+            "| errors | server CPU ms/req | server cores | client cores | RSS MB | ptm stack ms | other load (cores) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for c in rows:
             thr = c.rps * c.rows_per_request
             ratio = f"{thr / best_inproc:.2f}" if best_inproc else "-"
             lat = f"{c.p50_ms / inproc_p50:.2f}x" if inproc_p50 and c.concurrency == 1 else ""
+            whole = c.extra.get("whole_run_rps")
+            whole_text = "" if whole is None else f"{whole * c.rows_per_request:.1f}"
             out.append(
-                f"| {c.target} | {c.concurrency} | {thr:.1f} | {ratio} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {lat} | "
+                f"| {c.target} | {c.concurrency} | {thr:.1f} | {ratio} | {whole_text} | {c.p50_ms:.2f} | "
+                f"{c.p99_ms:.2f} | {lat} | "
                 f"{c.errors} | {c.cpu_ms_per_request or 0:.2f} | {(c.cpu_ms_per_request or 0) * c.rps / 1000:.2f} | "
                 f"{'' if c.client_cores is None else f'{c.client_cores:.2f}'} | {c.rss_mb or 0:.0f} | "
                 f"{'' if c.stack_ms is None else f'{c.stack_ms:.2f}'} | {c.others_cores or 0:.2f} |"
