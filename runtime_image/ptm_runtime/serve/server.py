@@ -28,7 +28,7 @@ from ptm_runtime.serve.batching import Batcher, choose_execution, tuning_cells
 from ptm_runtime.serve.dataplane import DataPlane
 from ptm_runtime.serve.errors import ArtifactError
 from ptm_runtime.serve.metrics import ServeMetrics, metrics_app
-from ptm_runtime.serve.model import OnnxModel
+from ptm_runtime.serve.model import OnnxModel, trim_heap
 from ptm_runtime.serve.rest import build_app
 from ptm_runtime.serve.settings import ServeSettings
 
@@ -159,6 +159,7 @@ class Server:
             None, model.warmup, s.options.warmup_requests, batching.max_batch_size
         )
         runs, preferred, beside = await loop.run_in_executor(None, tune, model, s.options)
+        await loop.run_in_executor(None, trim_heap)  # what loading, warm-up and tuning freed
         batcher = Batcher(
             model.infer,
             run_beside=beside.infer if beside is not None else None,
