@@ -121,7 +121,8 @@ def test_rest_json_equals_in_process_onnxruntime(server: ServeProcess, linear_mo
     np.testing.assert_array_equal(got["s"], want["s"])
 
 
-def test_rest_binary_extension_with_raw_http(server: ServeProcess, linear_model: Path) -> None:
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_rest_binary_extension_with_raw_http(server: ServeProcess, linear_model: Path, chunked: bool) -> None:
     feeds = _feeds(3, 8)
     want = _ort(linear_model, feeds)
     header = json.dumps(
@@ -133,9 +134,11 @@ def test_rest_binary_extension_with_raw_http(server: ServeProcess, linear_model:
             "outputs": [{"name": "s"}, {"name": "y", "parameters": {"binary_data": True}}],
         }
     ).encode()
+    parts = [header, feeds["x"].tobytes(), feeds["k"].tobytes()]
     response = httpx.post(
         f"{server.url}/v2/models/linear/infer",
-        content=header + feeds["x"].tobytes() + feeds["k"].tobytes(),
+        # A generator is sent with Transfer-Encoding: chunked (no Content-Length), in three chunks.
+        content=iter(parts) if chunked else b"".join(parts),
         headers={
             "Inference-Header-Content-Length": str(len(header)),
             "Content-Type": "application/octet-stream",

@@ -90,7 +90,7 @@ def _flag(parameters: dict[str, Any], key: str, default: bool, what: str) -> boo
 
 
 def parse_infer_request(
-    body: bytes, header_length: int | None, max_elements: int
+    body: bytes | bytearray, header_length: int | None, max_elements: int
 ) -> tuple[InferRequest, dict[str, bool] | bool]:
     """Decode a V2 REST infer body.
 
@@ -203,29 +203,45 @@ def _error(exc: ServeError) -> Response:
     return _json(exc.status_code, {"error": exc.message})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past `limit` bytes (declared or streamed) and 415 if encoded."""
+async def read_body(request: Request, limit: int) -> bytes | bytearray:
+    """The body, refused with 413 past `limit` bytes (declared or streamed) and 415 if encoded.
+
+    With a Content-Length the chunks land in one buffer of that size (binary tensors are then
+    decoded from it in place: one copy of a 600 KB image instead of two).
+    """
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(
             f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
         )
     declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise InvalidInput(f"Content-Length {declared!r} is not an integer") from None
-        if length > limit:
-            raise PayloadTooLarge(f"the body is {length} bytes, more than the limit of {limit}")
-    chunks: list[bytes] = []
+    if declared is None:  # chunked transfer: the size is known at the end
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body is more than the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    try:
+        length = int(declared)
+    except ValueError:
+        raise InvalidInput(f"Content-Length {declared!r} is not an integer") from None
+    if length > limit:
+        raise PayloadTooLarge(f"the body is {length} bytes, more than the limit of {limit}")
+    body = bytearray(length)
+    view = memoryview(body)
     size = 0
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is more than the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        end = size + len(chunk)
+        if end > length:  # the HTTP parser stops at Content-Length; this is only a guard
+            raise InvalidInput(f"the body is longer than its Content-Length of {length}")
+        view[size:end] = chunk
+        size = end
+    if size != length:
+        raise InvalidInput(f"the body has {size} bytes but its Content-Length says {length}")
+    return body
 
 
 #: Not an HTTP status anyone receives: metrics count requests whose client left (nginx's 499).

@@ -109,6 +109,7 @@ class Server:
             lifespan="off",
             timeout_graceful_shutdown=max(1, int(self.settings.drain_timeout_s)),
             timeout_keep_alive=30,
+            proxy_headers=False,  # nothing here reads the client's address: skip the rewrite per request
         )
         return _Uvicorn(config)
 
