@@ -837,7 +837,7 @@ def markdown(cells: list[Cell], info: dict[str, str], command: str, duration: fl
         f"mlserver {info.get('mlserver', 'not installed')}; "
         f"{info.get('load', '')}.",
         "",
-        f"Command: `{command}` ({duration:g} s per cell after a warm-up).",
+        f"Command: `{command}` ({duration:g} s window per cell after a warm-up and a ramp).",
         "",
     ]
     for model in dict.fromkeys(c.model for c in cells):
