@@ -2,14 +2,14 @@
 
 One asyncio task forms batches; up to `concurrent_runs` worker threads run them (ONNX Runtime
 sessions are thread-safe and release the GIL, so the event loop keeps decoding and queueing while
-batches compute). A batch forms when a worker is free: whatever queued meanwhile joins it. The first request of a
-batch waits at most `maxQueueDelayMs` for others (Triton's semantics), and the batch closes
-earlier when `preferredBatchSize` rows are reached (the batch size the model runs fastest at per
-row, measured at load by `choose_execution`; `maxBatchSize` is the most rows one request may
-carry) or when no other request is on its way: the server says how many requests it is still
-reading or decoding (`arriving`), and when none is, waiting could only add latency (a lone
-client would pay the whole delay on every request). Requests are merged only when their
-non-batch dimensions agree (same signature key); others wait their turn in order.
+batches compute). A batch forms when a worker is free: whatever queued meanwhile joins it. The
+first request of a batch waits at most `maxQueueDelayMs` for others (Triton's semantics), and
+the batch closes earlier when `preferredBatchSize` rows are reached (the batch size the model
+runs fastest at per row, measured at load by `choose_execution`; `maxBatchSize` is the most rows
+one request may carry) or when no other request is on its way: the server says how many
+requests it is still reading or decoding (`arriving`), and when none is, waiting could only add
+latency (a lone client would pay the whole delay on every request). Requests are merged only
+when their non-batch dimensions agree (same signature key); others wait their turn in order.
 
 Memory stays bounded: at most `maxQueueSize` requests wait; the next one is refused at once
 (QueueFull → 429 / RESOURCE_EXHAUSTED) rather than queued. Every request carries a deadline; one
