@@ -503,6 +503,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def http_get(port: int, path: str, timeout: float) -> tuple[int, str]:
+    """(status, text) of one GET on 127.0.0.1, with the standard library's client: cheap enough
+    to call while a server is being measured (see Server.wait_ready)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
 class Server:
     def __init__(
         self, kind: str, model_path: Path, workdir: Path, ptm_args: list[str], mlserver_workers: int = 0
@@ -584,11 +596,10 @@ class Server:
         """ptm's own overhead counter (sum, count): time per request outside queue and model."""
         if self.kind != "ptm":
             return 0.0, 0.0
-        import httpx
         from prometheus_client.parser import text_string_to_metric_families
 
         total = count = 0.0
-        text = httpx.get(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10).text
+        _, text = http_get(self.metrics, "/metrics", timeout=10)
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 if s.name == "ptm_request_overhead_seconds_sum":
@@ -614,15 +625,11 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}; see {self.log.name}")
-            conn = http.client.HTTPConnection("127.0.0.1", self.http, timeout=2)
             try:
-                conn.request("GET", "/v2/models/m/ready")
-                if conn.getresponse().status == 200:
+                if http_get(self.http, "/v2/models/m/ready", timeout=2)[0] == 200:
                     return
             except (OSError, http.client.HTTPException):
                 pass
-            finally:
-                conn.close()
             time.sleep(0.25)
         raise RuntimeError(f"{self.kind} not ready within {timeout}s; see {self.log.name}")
 

@@ -417,16 +417,16 @@ class WorkQueue:
 
     def add(self, namespace: str, name: str, cause: str, urgent: bool = True) -> None:
         with self._ready:
-            added = self._keys.add((namespace, name), urgent)
-            if added:
-                self._ready.notify()
-        metrics().queued.labels(cause, str(not added).lower()).inc()
+            self._added(self._keys.add((namespace, name), urgent), cause)
 
     def add_after(self, namespace: str, name: str, seconds: float, cause: str) -> None:
         with self._ready:
-            added = self._keys.add_later((namespace, name), time.monotonic() + seconds)
-            if added:
-                self._ready.notify()
+            self._added(self._keys.add_later((namespace, name), time.monotonic() + seconds), cause)
+
+    def _added(self, added: bool, cause: str) -> None:
+        """Under the lock: wake a worker for a new entry, count the add either way."""
+        if added:
+            self._ready.notify()
         metrics().queued.labels(cause, str(not added).lower()).inc()
 
     def looked_since(self, namespace: str, name: str, seconds: float) -> bool:

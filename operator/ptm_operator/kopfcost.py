@@ -16,6 +16,7 @@ CPU, 80% ran on kopf's event loop, and of that most went to three things no hand
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import types
@@ -50,15 +51,13 @@ def parse_watch_streams_with_orjson() -> bool:
     installed kopf no longer reads them through its api module's `json` (a kopf upgrade moved
     it: everything still works, only slower)."""
     try:
-        from kopf._cogs.clients import api
+        api: Any = importlib.import_module("kopf._cogs.clients.api")
     except ImportError:
-        found: Any = None
-    else:
-        found = api
-    if found is None or getattr(found, "json", None) not in (json, FAST_JSON):
+        api = None
+    if getattr(api, "json", None) not in (json, FAST_JSON):
         log.warning("kopf's watch streams keep the standard json parser (kopf's internals moved)")
         return False
-    found.json = FAST_JSON
+    api.json = FAST_JSON
     return True
 
 

@@ -388,17 +388,19 @@ class DataPlane:
             self.metrics.add_in_flight(1)
         return Ticket(time.perf_counter())
 
-    def _queued(self, ticket: Ticket) -> None:
-        if not ticket.queued:
-            ticket.queued = True
-            self.arriving -= 1
+    def _queued(self, ticket: Ticket) -> bool:
+        """The request is no longer arriving; False when it was not any more."""
+        if ticket.queued:
+            return False
+        ticket.queued = True
+        self.arriving -= 1
+        return True
 
     def end(self, protocol: str, code: int, ticket: Ticket, response: InferResponse | None = None) -> None:
         self.in_flight -= 1
-        if not ticket.queued:  # failed before the queue: a forming batch must not wait for it
-            self._queued(ticket)
-            if self.batcher is not None:
-                self.batcher.wake()
+        # One that failed before the queue: a forming batch must not wait for it.
+        if self._queued(ticket) and self.batcher is not None:
+            self.batcher.wake()
         if self.metrics is not None:
             seconds = time.perf_counter() - ticket.started
             self.metrics.add_in_flight(-1)

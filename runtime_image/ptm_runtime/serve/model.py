@@ -327,9 +327,9 @@ class OnnxModel:
         runs the first time). The cells are measured `passes` times, every other pass in reverse
         order, and each keeps its best pass: a large batch's cell holds only two or three runs,
         and one slow run sank it (resnet18 at 32 rows: 70 rows/s in one server's tuning, 118 in
-        another's). Once `budget_seconds` are spent
-        the remaining cells are skipped (a large model's largest batches, or its second pass).
-        A cell whose run fails ends the measurement (what was measured is returned).
+        another's). Once `budget_seconds` are spent the remaining cells are skipped (a large
+        model's largest batches, or its second pass). A cell whose run fails ends the
+        measurement (what was measured is returned).
         """
         rates: dict[tuple[int, int], float] = {}
         started = time.perf_counter()

@@ -203,11 +203,11 @@ def _error(exc: ServeError) -> Response:
     return _json(exc.status_code, {"error": exc.message})
 
 
-async def read_body(request: Request, limit: int) -> bytes | bytearray:
+async def read_body(request: Request, limit: int) -> bytearray:
     """The body, refused with 413 past `limit` bytes (declared or streamed) and 415 if encoded.
 
     With a Content-Length the chunks land in one buffer of that size (binary tensors are then
-    decoded from it in place: one copy of a 600 KB image instead of two).
+    decoded from it in place: one copy of a 600 KB image instead of two); a chunked body grows it.
     """
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
@@ -215,31 +215,25 @@ async def read_body(request: Request, limit: int) -> bytes | bytearray:
             f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
         )
     declared = request.headers.get("content-length")
-    if declared is None:  # chunked transfer: the size is known at the end
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the body is more than the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-    try:
-        length = int(declared)
-    except ValueError:
-        raise InvalidInput(f"Content-Length {declared!r} is not an integer") from None
-    if length > limit:
-        raise PayloadTooLarge(f"the body is {length} bytes, more than the limit of {limit}")
-    body = bytearray(length)
-    view = memoryview(body)
+    length: int | None = None
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise InvalidInput(f"Content-Length {declared!r} is not an integer") from None
+        if length > limit:
+            raise PayloadTooLarge(f"the body is {length} bytes, more than the limit of {limit}")
+    body = bytearray(length or 0)
     size = 0
     async for chunk in request.stream():
         end = size + len(chunk)
-        if end > length:  # the HTTP parser stops at Content-Length; this is only a guard
+        if end > limit:
+            raise PayloadTooLarge(f"the body is more than the limit of {limit} bytes")
+        if length is not None and end > length:  # the HTTP parser stops there; only a guard
             raise InvalidInput(f"the body is longer than its Content-Length of {length}")
-        view[size:end] = chunk
+        body[size:end] = chunk  # in place within a declared length, appended past the end otherwise
         size = end
-    if size != length:
+    if length is not None and size != length:
         raise InvalidInput(f"the body has {size} bytes but its Content-Length says {length}")
     return body
 
