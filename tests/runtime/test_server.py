@@ -7,6 +7,7 @@ equal exactly (JSON carries float32 values losslessly as their float64 repr).
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 from collections.abc import Callable
@@ -400,19 +401,38 @@ def test_metrics_endpoint(server: ServeProcess) -> None:
 
 
 def test_concurrent_requests_are_batched_and_split_exactly(server: ServeProcess, linear_model: Path) -> None:
+    """Sixteen requests of mixed sizes are all on the wire at once: each sends its whole body but
+    the last byte, and only when the server counts all sixteen in flight do the last bytes go.
+    A forming batch waits while requests are still arriving, so they merge; each answer must be
+    exactly its own rows."""
     batches_before = server.metric("ptm_batch_size_count", model="linear")
     requests_before = server.metric("ptm_batch_requests_sum", model="linear")
     sizes = [1, 2, 3, 1, 4, 2, 1, 3, 2, 1, 1, 2, 3, 4, 1, 1]
-
-    def call(i: int) -> tuple[int, dict[str, np.ndarray]]:
-        feeds = _feeds(sizes[i], 100 + i)
-        response = httpx.post(f"{server.url}/v2/models/linear/infer", json=_json_body(feeds), timeout=30)
-        assert response.status_code == 200, response.text
-        return i, {o["name"]: _from_json(o) for o in response.json()["outputs"]}
-
-    with ThreadPoolExecutor(len(sizes)) as pool:
-        results = list(pool.map(call, range(len(sizes))))
-    for i, got in results:
+    bodies = [json.dumps(_json_body(_feeds(rows, 100 + i))).encode() for i, rows in enumerate(sizes)]
+    connections = [http.client.HTTPConnection("127.0.0.1", server.http, timeout=30) for _ in sizes]
+    try:
+        for connection, body in zip(connections, bodies, strict=True):
+            connection.putrequest("POST", "/v2/models/linear/infer")
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Content-Length", str(len(body)))
+            connection.endheaders(body[:-1])
+        _wait_for(
+            lambda: server.metric("ptm_requests_in_flight", model="linear") == len(sizes),
+            "all requests in flight",
+        )
+        for connection, body in zip(connections, bodies, strict=True):
+            connection.send(body[-1:])
+        answers = []
+        for connection in connections:
+            response = connection.getresponse()
+            text = response.read()
+            assert response.status == 200, text
+            answers.append(json.loads(text))
+    finally:
+        for connection in connections:
+            connection.close()
+    for i, doc in enumerate(answers):
+        got = {o["name"]: _from_json(o) for o in doc["outputs"]}
         want = _ort(linear_model, _feeds(sizes[i], 100 + i))
         assert got["y"].shape == (sizes[i], 3)
         np.testing.assert_allclose(got["y"], want["y"], rtol=1e-6, atol=1e-6)
