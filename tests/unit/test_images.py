@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import signal
 import subprocess
 import tarfile
@@ -128,12 +127,23 @@ def test_pause_layer_holds_only_pause(tmp_path: Path) -> None:
     assert layer.read_bytes() == before, "reproducible: same binary, same digest"
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler installed for `sig` (SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 def test_pause_exits_0_on_sigterm(tmp_path: Path) -> None:
     binary = tmp_path / "pause"
     images.run("compile pause", [*images.PAUSE_CC, "-o", binary, images.PAUSE_SOURCE])
     proc = subprocess.Popen([binary])
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while not _catches(proc.pid, signal.SIGTERM):
+        assert proc.poll() is None, f"pause exited with {proc.returncode} before it handled SIGTERM"
+        assert time.monotonic() < deadline, "pause did not install its SIGTERM handler within 10 s"
+        time.sleep(0.01)
     assert proc.poll() is None, "pause sleeps"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=5) == 0
