@@ -177,12 +177,9 @@ def test_operator_killed_at_each_stage_converges_without_duplicates(
     )
     operator.kill()
     operator.start()
-    # Give the restarted operator a few reconciles, then count children.
-    wait_for(
-        lambda: model_status(cluster, namespace, "resnet50").get("observedGeneration") == 1,
-        30,
-        "the restarted operator to report",
-    )
+    # Count children only once the restarted process has reconciled the model itself.
+    wait_for(operator.reconciles, 30, "the restarted operator to reconcile")
+    assert model_status(cluster, namespace, "resnet50").get("observedGeneration") == 1
     jobs = get(cluster, namespace, "jobs")["items"]
     deployments = get(cluster, namespace, "deployments")["items"]
     assert len(jobs) == 1

@@ -107,6 +107,39 @@ class ServeProcess:
                     total += sample.value
         return total
 
+    def post_together(self, path: str, model: str, bodies: list[bytes]) -> list[tuple[int, bytes]]:
+        """POST every JSON body on its own connection so that all are in the server at once:
+        each sends all but its last byte, and the last bytes go only when the server counts
+        every request in flight. Returns (status, body) per request, in order."""
+        import http.client
+
+        from tests.conftest import wait_for
+
+        before = self.metric("ptm_requests_in_flight", model=model)
+        connections = [http.client.HTTPConnection("127.0.0.1", self.http, timeout=60) for _ in bodies]
+        try:
+            for connection, body in zip(connections, bodies, strict=True):
+                connection.putrequest("POST", path)
+                connection.putheader("Content-Type", "application/json")
+                connection.putheader("Content-Length", str(len(body)))
+                connection.endheaders(body[:-1])
+            wait_for(
+                lambda: self.metric("ptm_requests_in_flight", model=model) == before + len(bodies),
+                START_TIMEOUT_S,
+                f"{len(bodies)} requests in flight",
+                interval=0.02,
+            )
+            for connection, body in zip(connections, bodies, strict=True):
+                connection.send(body[-1:])
+            answers = []
+            for connection in connections:
+                response = connection.getresponse()
+                answers.append((response.status, response.read()))
+            return answers
+        finally:
+            for connection in connections:
+                connection.close()
+
     def terminate(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -133,10 +134,17 @@ def test_deadline_expires_in_the_queue(slow: OnnxModel) -> None:
     asyncio.run(main())
 
 
-def test_concurrent_runs_compute_two_batches_at_once(slow: OnnxModel) -> None:
+def test_concurrent_runs_compute_two_batches_at_once(linear: OnnxModel) -> None:
+    """Each run waits for the other at a barrier: with one run at a time the barrier breaks."""
+    both = threading.Barrier(2, timeout=10)
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        both.wait()
+        return linear.infer(feeds)
+
     async def main() -> None:
         batcher = Batcher(
-            slow.infer,
+            run,
             max_batch_size=1,
             max_queue_delay_ms=0,
             max_queue_size=8,
@@ -144,13 +152,8 @@ def test_concurrent_runs_compute_two_batches_at_once(slow: OnnxModel) -> None:
             concurrent_runs=2,
         )
         batcher.start()
-        x = {"x": np.ones((1, 4), np.float32)}
-        jobs = [asyncio.ensure_future(batcher.submit(x, 1, (), timeout=30)) for _ in range(2)]
-        await asyncio.sleep(0)
-        while batcher.depth:  # with one run at a time, the second would stay queued until the first is done
-            await asyncio.sleep(0.001)
-        assert not any(job.done() for job in jobs)
-        await asyncio.gather(*jobs)
+        results = await asyncio.gather(*(batcher.submit(_feeds(1, i), 1, (), timeout=30) for i in range(2)))
+        assert [r.batch_rows for r in results] == [1, 1]
         assert await batcher.close(5)
 
     asyncio.run(main())
@@ -203,6 +206,7 @@ def test_a_forming_batch_waits_only_while_requests_are_arriving(linear: OnnxMode
             return asyncio.ensure_future(batcher.submit(_feeds(rows, seed), rows, ("same",), timeout=30))
 
         async def forming() -> None:  # the batcher took the request and waits for company
+            await asyncio.sleep(0)  # the submit runs: the request is queued
             while batcher.depth:
                 await asyncio.sleep(0.001)
 

@@ -8,10 +8,10 @@ so concurrent requests of different lengths must batch only with their own kind.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -49,8 +49,9 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def minilm(serve_factory: ServeFactory, artifact: Path) -> ServeProcess:
     return serve_factory(
-        artifact, "--model-name", "minilm", "--max-batch-size", "16", "--max-queue-delay-ms", "30"
-    )
+        artifact, "--model-name", "minilm", "--max-batch-size", "16", "--max-queue-delay-ms", "30",
+        "--preferred-batch-size", "16", "--concurrent-runs", "1",
+    )  # fmt: skip
 
 
 def _tokens(rows: int, length: int, seed: int) -> dict[str, np.ndarray]:
@@ -89,31 +90,28 @@ def test_served_embeddings_equal_in_process_onnxruntime(minilm: ServeProcess, ar
 def test_concurrent_requests_of_different_lengths_batch_with_their_own_kind(
     minilm: ServeProcess, artifact: Path
 ) -> None:
+    """Ten requests, all in the server at once (post_together): those of one length merge."""
     session = ort.InferenceSession(str(artifact / MODEL_FILE), providers=["CPUExecutionProvider"])
     cases = [(1 + i % 3, (16, 32)[i % 2], 100 + i) for i in range(10)]
     before = minilm.metric("ptm_batch_size_count", model="minilm")
 
-    def call(case: tuple[int, int, int]) -> np.ndarray:
-        rows, length, seed = case
+    def body(rows: int, length: int, seed: int) -> bytes:
         feeds = _tokens(rows, length, seed)
-        body = {
-            "inputs": [
-                {"name": n, "datatype": "INT64", "shape": [rows, length], "data": feeds[n].ravel().tolist()}
-                for n in INPUTS
-            ]
-        }
-        response = httpx.post(f"{minilm.url}/v2/models/minilm/infer", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        output = response.json()["outputs"][0]
-        return np.array(output["data"], np.float32).reshape(output["shape"])
+        tensors = [
+            {"name": n, "datatype": "INT64", "shape": [rows, length], "data": feeds[n].ravel().tolist()}
+            for n in INPUTS
+        ]
+        return json.dumps({"inputs": tensors}).encode()
 
-    with ThreadPoolExecutor(len(cases)) as pool:
-        results = list(pool.map(call, cases))
-    for (rows, length, seed), got in zip(cases, results, strict=True):
+    answers = minilm.post_together("/v2/models/minilm/infer", "minilm", [body(*case) for case in cases])
+    for (rows, length, seed), (status, text) in zip(cases, answers, strict=True):
+        assert status == 200, text
+        output = json.loads(text)["outputs"][0]
+        got = np.array(output["data"], np.float32).reshape(output["shape"])
         (want,) = session.run(None, _tokens(rows, length, seed))
         assert got.shape == (rows, 384)
         # A row's embedding must not depend on which other requests shared its batch (beyond
         # the last bits that a different GEMM blocking may round differently).
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     batches = minilm.metric("ptm_batch_size_count", model="minilm") - before
-    assert batches < len(cases)
+    assert 2 <= batches < len(cases)  # merged, but never across the two lengths

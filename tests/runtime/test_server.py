@@ -7,9 +7,7 @@ equal exactly (JSON carries float32 values losslessly as their float64 repr).
 
 from __future__ import annotations
 
-import http.client
 import json
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from ptm_runtime.options import Precision
 from ptm_runtime.report import MODEL_FILE, Report, sha256_file
+from tests.conftest import wait_for
 from tests.runtime import models
 from tests.runtime.conftest import ServeFactory, ServeProcess
 
@@ -61,12 +60,8 @@ def _from_json(output: dict[str, Any]) -> np.ndarray:
     return np.array(output["data"], dtype=dtype).reshape(output["shape"])
 
 
-def _wait_for(check: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+def _wait_for(check: Callable[[], bool], what: str) -> None:
+    wait_for(check, DEADLINE_S, what, interval=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -401,38 +396,17 @@ def test_metrics_endpoint(server: ServeProcess) -> None:
 
 
 def test_concurrent_requests_are_batched_and_split_exactly(server: ServeProcess, linear_model: Path) -> None:
-    """Sixteen requests of mixed sizes are all on the wire at once: each sends its whole body but
-    the last byte, and only when the server counts all sixteen in flight do the last bytes go.
-    A forming batch waits while requests are still arriving, so they merge; each answer must be
+    """Sixteen requests of mixed sizes are all in the server at once (post_together); a forming
+    batch waits while requests are still arriving, so they merge, and each answer must be
     exactly its own rows."""
     batches_before = server.metric("ptm_batch_size_count", model="linear")
     requests_before = server.metric("ptm_batch_requests_sum", model="linear")
     sizes = [1, 2, 3, 1, 4, 2, 1, 3, 2, 1, 1, 2, 3, 4, 1, 1]
     bodies = [json.dumps(_json_body(_feeds(rows, 100 + i))).encode() for i, rows in enumerate(sizes)]
-    connections = [http.client.HTTPConnection("127.0.0.1", server.http, timeout=30) for _ in sizes]
-    try:
-        for connection, body in zip(connections, bodies, strict=True):
-            connection.putrequest("POST", "/v2/models/linear/infer")
-            connection.putheader("Content-Type", "application/json")
-            connection.putheader("Content-Length", str(len(body)))
-            connection.endheaders(body[:-1])
-        _wait_for(
-            lambda: server.metric("ptm_requests_in_flight", model="linear") == len(sizes),
-            "all requests in flight",
-        )
-        for connection, body in zip(connections, bodies, strict=True):
-            connection.send(body[-1:])
-        answers = []
-        for connection in connections:
-            response = connection.getresponse()
-            text = response.read()
-            assert response.status == 200, text
-            answers.append(json.loads(text))
-    finally:
-        for connection in connections:
-            connection.close()
-    for i, doc in enumerate(answers):
-        got = {o["name"]: _from_json(o) for o in doc["outputs"]}
+    answers = server.post_together("/v2/models/linear/infer", "linear", bodies)
+    for i, (status, text) in enumerate(answers):
+        assert status == 200, text
+        got = {o["name"]: _from_json(o) for o in json.loads(text)["outputs"]}
         want = _ort(linear_model, _feeds(sizes[i], 100 + i))
         assert got["y"].shape == (sizes[i], 3)
         np.testing.assert_allclose(got["y"], want["y"], rtol=1e-6, atol=1e-6)
@@ -511,31 +485,31 @@ def test_a_lone_request_does_not_wait_out_the_queue_delay(
 
 
 @pytest.fixture(scope="module")
-def slow_server(serve_factory: ServeFactory, slow_model: Path) -> ServeProcess:
-    """One request computes at a time (about 0.4 s), one more may wait."""
+def slow_server(serve_factory: ServeFactory, model_dir: Path) -> ServeProcess:
+    """One request computes at a time (about 1.2 s), two more may wait: states that last long
+    enough to be observed from the metrics, then acted on."""
     return serve_factory(
-        slow_model, "--max-batch-size", "1", "--max-queue-size", "1", "--intra-op-threads", "1",
-        "--concurrent-runs", "1", "--warmup-requests", "1",
+        models.slow(model_dir / "slower.onnx", depth=120), "--max-batch-size", "1", "--max-queue-size", "2",
+        "--intra-op-threads", "1", "--concurrent-runs", "1", "--warmup-requests", "1",
     )  # fmt: skip
 
 
+SLOW_BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}]}
+
+
 def test_full_queue_answers_429_and_resource_exhausted(slow_server: ServeProcess) -> None:
+    """Eight requests at once: one computes, two wait, the rest are refused at once."""
     server = slow_server
-    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}]}
-
-    def rest(_: int) -> httpx.Response:
-        return httpx.post(f"{server.url}/v2/models/model/infer", json=body, timeout=60)
-
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(rest, range(8)))
-    codes = sorted(r.status_code for r in responses)
-    assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
-    refused = [r for r in responses if r.status_code == 429]
-    assert all("request queue is full (1 requests waiting)" in r.json()["error"] for r in refused)
-    for r in responses:
-        if r.status_code == 200:
-            assert r.json()["outputs"][0]["data"] == [1.0, 2.0, 3.0, 4.0]
-    assert server.metric("ptm_requests_total", protocol="rest", code="429") == len(refused)
+    answers = server.post_together("/v2/models/model/infer", "model", [json.dumps(SLOW_BODY).encode()] * 8)
+    codes = sorted(status for status, _ in answers)
+    assert 1 <= codes.count(200) <= 3 and codes.count(429) == 8 - codes.count(200), codes
+    for status, text in answers:
+        doc = json.loads(text)
+        if status == 200:
+            assert doc["outputs"][0]["data"] == [1.0, 2.0, 3.0, 4.0]
+        else:
+            assert "request queue is full (2 requests waiting)" in doc["error"]
+    assert server.metric("ptm_requests_total", protocol="rest", code="429") == codes.count(429)
 
     client = triton_grpc.InferenceServerClient(server.grpc_target)
     tensor = triton_grpc.InferInput("x", [1, 4], "FP32")
@@ -557,22 +531,36 @@ def test_full_queue_answers_429_and_resource_exhausted(slow_server: ServeProcess
 
 
 def test_a_request_whose_client_left_is_dropped_from_the_queue(slow_server: ServeProcess) -> None:
+    """Two requests in: one computes, one waits. Both clients leave. The computing one finishes
+    unseen; the waiting one must never run, which a third request (queued behind where it
+    was) proves by running right after the first."""
+    import http.client
+
     server = slow_server
-    url = f"{server.url}/v2/models/model/infer"
-    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 1.0, 1.0, 1.0]}]}
+    path = "/v2/models/model/infer"
+    body = json.dumps(SLOW_BODY).encode()
     batches = server.metric("ptm_batch_size_count", model="model")
     left = server.metric("ptm_requests_total", protocol="rest", code="499")
-    with ThreadPoolExecutor(1) as pool:
-        computing = pool.submit(httpx.post, url, json=body, timeout=60)
-        _wait_for(lambda: server.metric("ptm_requests_in_flight", model="model") == 1, "the first request")
-        with pytest.raises(httpx.ReadTimeout):  # queued behind it; the client gives up and leaves
-            httpx.post(url, json=body, timeout=httpx.Timeout(5, read=0.1))
-        _wait_for(
-            lambda: server.metric("ptm_requests_total", protocol="rest", code="499") == left + 1, "the drop"
-        )
-        assert computing.result().status_code == 200
-    _wait_for(lambda: server.metric("ptm_requests_in_flight", model="model") == 0, "an idle server")
-    assert server.metric("ptm_batch_size_count", model="model") == batches + 1  # the abandoned one never ran
+    clients = [http.client.HTTPConnection("127.0.0.1", server.http, timeout=60) for _ in range(2)]
+    for client in clients:
+        client.request("POST", path, body, {"Content-Type": "application/json"})
+    _wait_for(
+        lambda: (
+            server.metric("ptm_requests_in_flight", model="model") == 2
+            and server.metric("ptm_queue_depth", model="model") == 1
+        ),
+        "one request computing and one waiting",
+    )
+    for client in clients:
+        client.close()
+    _wait_for(
+        lambda: server.metric("ptm_requests_total", protocol="rest", code="499") == left + 2,
+        "both requests answered 499",
+    )
+    third = httpx.post(f"{server.url}{path}", content=body, timeout=60)
+    assert third.status_code == 200, third.text
+    # The computing one and the third ran; the abandoned waiting one did not.
+    assert server.metric("ptm_batch_size_count", model="model") == batches + 2
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(
@@ -602,24 +590,29 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(
             lambda: server.metric("ptm_requests_in_flight", model="model") == n, f"{n} requests in flight"
         )
         server.proc.send_signal(15)
-        refused: list[int] = []
+        refused: set[str] = set()  # what the draining server answered 503 to
 
-        def new_request_refused() -> bool:
-            try:
-                r = httpx.post(f"{server.url}/v2/models/model/infer", json=body, timeout=5)
-                ready = httpx.get(f"{server.url}/v2/health/ready", timeout=5)
-            except httpx.TransportError:
-                return server.proc.poll() is not None
-            if r.status_code == 503 and ready.status_code == 503:
-                refused.append(r.status_code)
-                return True
-            return False
+        def new_work_refused() -> bool:
+            for what, call in (
+                ("ready", lambda: httpx.get(f"{server.url}/v2/health/ready", timeout=5)),
+                ("infer", lambda: httpx.post(f"{server.url}/v2/models/model/infer", json=body, timeout=5)),
+            ):
+                if what in refused:
+                    continue
+                try:
+                    if call().status_code == 503:
+                        refused.add(what)
+                except httpx.TransportError:
+                    return server.proc.poll() is not None
+            return refused == {"ready", "infer"}
 
-        _wait_for(new_request_refused, "the draining server to refuse new work")
+        _wait_for(new_work_refused, "the draining server to refuse new work")
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200] * n
     assert all(r.json()["outputs"][0]["data"] == [4.0, 3.0, 2.0, 1.0] for r in responses)
-    assert refused, "the server exited before a new request could observe the drain"
+    assert refused == {"ready", "infer"}, (
+        f"the server exited before it refused {refused ^ {'ready', 'infer'}}"
+    )
     assert server.proc.wait(DEADLINE_S) == 0
 
 
