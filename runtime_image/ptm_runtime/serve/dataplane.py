@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,6 +190,8 @@ class DataPlane:
         max_elements: int,
         request_timeout_s: float,
         metrics: ServeMetrics | None = None,
+        on_idle: Callable[[], object] | None = None,
+        idle_after_s: float = 1.0,
     ) -> None:
         self.model_name = model_name
         self.model_version = model_version
@@ -203,6 +205,11 @@ class DataPlane:
         #: Requests begun but not yet queued (body being read, decoded, validated): a forming
         #: batch waits for them, and only for them.
         self.arriving = 0
+        #: Run (in a worker thread) once no request has been in flight for `idle_after_s`
+        #: seconds after some were: the server gives back the heap a burst of requests grew.
+        self._on_idle = on_idle
+        self._idle_after_s = idle_after_s
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._inputs: dict[str, TensorInfo] = {}
         self._outputs: dict[str, TensorInfo] = {}
 
@@ -382,6 +389,9 @@ class DataPlane:
 
     def begin(self) -> Ticket:
         """A request has come in (its body may still be on the wire)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.in_flight += 1
         self.arriving += 1
         if self.metrics is not None:
@@ -398,6 +408,9 @@ class DataPlane:
 
     def end(self, protocol: str, code: int, ticket: Ticket, response: InferResponse | None = None) -> None:
         self.in_flight -= 1
+        if self.in_flight == 0 and self._on_idle is not None:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self._idle_after_s, self._idle, loop)
         # One that failed before the queue: a forming batch must not wait for it.
         if self._queued(ticket) and self.batcher is not None:
             self.batcher.wake()
@@ -409,6 +422,11 @@ class DataPlane:
                 self.metrics.observe_overhead(
                     protocol, seconds - response.queue_seconds - response.compute_seconds
                 )
+
+    def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._idle_timer = None
+        if self._on_idle is not None:
+            loop.run_in_executor(None, self._on_idle)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait (polling, bounded) until no request is in flight; True if that happened."""

@@ -381,7 +381,9 @@ def trim_heap() -> bool:
     """Give the C heap's free pages back to the system (glibc's malloc_trim); False where there
     is no glibc. ONNX Runtime's arena and the interpreter free into glibc's heaps, which keep
     the pages: measured on resnet18, warm-up and tuning left the process at 339 MB, 139 MB
-    after the trim."""
+    after the trim. The server calls it once the model is warm, and after each burst of
+    requests once none has been in flight for a second (resnet18 after 6 s of REST JSON at
+    c=32: 343 MB kept without it, 256 MB with it)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.malloc_trim(0))

@@ -92,6 +92,7 @@ class Server:
             max_elements=settings.max_body_bytes,
             request_timeout_s=settings.options.request_timeout_ms / 1000.0,
             metrics=self.metrics,
+            on_idle=trim_heap,  # a burst of large bodies leaves glibc holding their pages
         )
         self.metrics.set_ready(False)
         self._stop = asyncio.Event()
