@@ -10,7 +10,7 @@ from ptm_runtime.serve.dataplane import DataPlane
 IDLE_S = 0.05
 
 
-def test_the_idle_hook_runs_once_after_the_last_request_and_never_during_one() -> None:
+def test_the_idle_hook_runs_once_after_the_last_request_never_during_one_nor_when_draining() -> None:
     calls: list[float] = []
 
     async def until_called(times: int) -> float:
@@ -41,5 +41,9 @@ def test_the_idle_hook_runs_once_after_the_last_request_and_never_during_one() -
         await until_called(2)
         await asyncio.sleep(IDLE_S * 4)
         assert len(calls) == 2, "one idle period, one call"
+        plane.start_draining()  # shutting down: the worker threads may be going away
+        plane.end("rest", 503, plane.begin())
+        await asyncio.sleep(IDLE_S * 4)
+        assert len(calls) == 2
 
     asyncio.run(main())

@@ -425,7 +425,7 @@ class DataPlane:
 
     def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
         self._idle_timer = None
-        if self._on_idle is not None:
+        if self._on_idle is not None and not self.draining:  # the executor may be shutting down
             loop.run_in_executor(None, self._on_idle)
 
     async def wait_idle(self, timeout: float) -> bool:
