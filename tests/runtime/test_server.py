@@ -616,6 +616,51 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(
     assert server.proc.wait(DEADLINE_S) == 0
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_stalled_bodies_cost_no_memory_and_time_out_with_408(
+    serve_factory: ServeFactory, linear_model: Path
+) -> None:
+    """Clients that declare 60 MB bodies and stall: nothing is reserved for what has not
+    arrived, and each is answered 408 once the request timeout (here 2 s) has passed."""
+    import http.client
+
+    server = serve_factory(linear_model, "--model-name", "linear", "--request-timeout-ms", "2000")
+    declared = 60 * 1024 * 1024  # within the default 64 MiB limit
+    before = _rss_mb(server.proc.pid)
+    stalled = [http.client.HTTPConnection("127.0.0.1", server.http, timeout=30) for _ in range(8)]
+    try:
+        for connection in stalled:
+            connection.putrequest("POST", "/v2/models/linear/infer")
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Content-Length", str(declared))
+            connection.endheaders(b'{"inputs": [')
+        _wait_for(lambda: server.metric("ptm_requests_in_flight", model="linear") == 8, "8 stalled requests")
+        grown = _rss_mb(server.proc.pid) - before
+        assert grown < 100, f"the server grew {grown:.0f} MB for 8 bodies that never came"
+        # A live client is served meanwhile: the stalled ones hold no lock and no batch.
+        feeds = _feeds(2, 77)
+        live = httpx.post(f"{server.url}/v2/models/linear/infer", json=_json_body(feeds), timeout=10)
+        assert live.status_code == 200, live.text
+        for connection in stalled:
+            response = connection.getresponse()
+            assert response.status == 408
+            assert response.getheader("Connection") == "close"
+            assert (
+                "did not arrive within the request timeout of 2000 ms" in json.loads(response.read())["error"]
+            )
+    finally:
+        for connection in stalled:
+            connection.close()
+    _wait_for(lambda: server.metric("ptm_requests_in_flight", model="linear") == 0, "no request in flight")
+    assert server.metric("ptm_requests_total", protocol="rest", code="408") == 8
+
+
 def test_sha256_mismatch_is_refused_at_start(
     serve_factory: ServeFactory, linear_model: Path, tmp_path: Path
 ) -> None:

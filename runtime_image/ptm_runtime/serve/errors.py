@@ -76,6 +76,13 @@ class Unavailable(ServeError):
     grpc_code = GrpcCode.UNAVAILABLE
 
 
+class RequestTimeout(ServeError):
+    """The request's body did not arrive within the request timeout (408 / DEADLINE_EXCEEDED)."""
+
+    status_code = 408
+    grpc_code = GrpcCode.DEADLINE_EXCEEDED
+
+
 class DeadlineExceeded(ServeError):
     """The request's deadline passed before it was answered (504 / DEADLINE_EXCEEDED)."""
 
