@@ -7,6 +7,7 @@ equal exactly (JSON carries float32 values losslessly as their float64 repr).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -659,6 +660,37 @@ def test_stalled_bodies_cost_no_memory_and_time_out_with_408(
             connection.close()
     _wait_for(lambda: server.metric("ptm_requests_in_flight", model="linear") == 0, "no request in flight")
     assert server.metric("ptm_requests_total", protocol="rest", code="408") == 8
+
+
+def test_request_heads_are_bounded(server: ServeProcess) -> None:
+    """A request line and headers past 64 KiB get 431 and a closed connection, however they
+    arrive; heads within the bound, and requests pipelined on one connection, are served."""
+    import socket
+
+    def exchange(payload: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", server.http), timeout=30) as sock:
+            # The server may close while this is still sending: what it said is read below.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(payload)
+            received = b""
+            while chunk := sock.recv(65536):  # until the server closes
+                received += chunk
+            return received
+
+    def ready(padding: int) -> bytes:
+        return b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n" + b"".join(
+            b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(padding)
+        )
+
+    answer = exchange(ready(40) + b"Connection: close\r\n\r\n")  # about 40 KB of headers
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    # 1 MB of headers that never end, and one header of 1 MB: refused without waiting for the end.
+    for head in (ready(1000), b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 1_000_000):
+        answer = exchange(head)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert b"the request line and headers take more than 65536 bytes" in answer
+    pipelined = exchange(ready(1) + b"\r\n" + ready(1) + b"Connection: close\r\n\r\n")
+    assert pipelined.count(b"HTTP/1.1 200 ") == 2, pipelined
 
 
 def test_sha256_mismatch_is_refused_at_start(
