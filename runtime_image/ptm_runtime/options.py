@@ -385,4 +385,5 @@ class RuntimeOptions(Options):
     warmup_requests: int = Field(default=3, ge=0, le=1000)
     """Inferences run before the model reports ready."""
     request_timeout_ms: int = Field(default=30000, ge=1, le=3600000)
-    """Per-request deadline, queueing included."""
+    """Per-request deadline, queueing included; a REST body that has not fully arrived within it
+    is answered 408."""
