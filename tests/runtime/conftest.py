@@ -7,6 +7,7 @@ imports tritonclient's copy of the same `inference` package as a third-party cli
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -107,22 +108,25 @@ class ServeProcess:
                     total += sample.value
         return total
 
+    def start_post(self, path: str, length: int, sent: bytes) -> http.client.HTTPConnection:
+        """A JSON POST of `length` bytes on a connection of its own, of which only `sent` has
+        gone: the rest is the caller's to send (or not)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.http, timeout=60)
+        connection.putrequest("POST", path)
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(length))
+        connection.endheaders(sent)
+        return connection
+
     def post_together(self, path: str, model: str, bodies: list[bytes]) -> list[tuple[int, bytes]]:
         """POST every JSON body on its own connection so that all are in the server at once:
         each sends all but its last byte, and the last bytes go only when the server counts
         every request in flight. Returns (status, body) per request, in order."""
-        import http.client
-
         from tests.conftest import wait_for
 
         before = self.metric("ptm_requests_in_flight", model=model)
-        connections = [http.client.HTTPConnection("127.0.0.1", self.http, timeout=60) for _ in bodies]
+        connections = [self.start_post(path, len(body), body[:-1]) for body in bodies]
         try:
-            for connection, body in zip(connections, bodies, strict=True):
-                connection.putrequest("POST", path)
-                connection.putheader("Content-Type", "application/json")
-                connection.putheader("Content-Length", str(len(body)))
-                connection.endheaders(body[:-1])
             wait_for(
                 lambda: self.metric("ptm_requests_in_flight", model=model) == before + len(bodies),
                 START_TIMEOUT_S,

@@ -28,6 +28,8 @@ class ServeError(Exception):
 
     status_code: int = 500
     grpc_code: GrpcCode = GrpcCode.INTERNAL
+    #: REST: the answer ends the connection (what the client was sending may still arrive).
+    closes_connection: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -81,6 +83,7 @@ class RequestTimeout(ServeError):
 
     status_code = 408
     grpc_code = GrpcCode.DEADLINE_EXCEEDED
+    closes_connection = True
 
 
 class DeadlineExceeded(ServeError):

@@ -384,11 +384,19 @@ def trim_heap() -> bool:
     after the trim. The server calls it once the model is warm, and after each burst of
     requests once none has been in flight for a second (resnet18 after 6 s of REST JSON at
     c=32: 343 MB kept without it, 256 MB with it)."""
+    libc = _libc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, opened once (the server trims after every burst); None where there is none."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.malloc_trim(0))
+        libc.malloc_trim  # noqa: B018 - musl has no malloc_trim
     except (OSError, AttributeError):
-        return False
+        return None
+    return libc
 
 
 def _runs_per_second(call: Callable[[], object], threads: int, seconds: float) -> float:

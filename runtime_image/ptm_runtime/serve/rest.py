@@ -207,13 +207,15 @@ def _json(status: int, doc: dict[str, Any]) -> Response:
 
 def _error(exc: ServeError) -> Response:
     response = _json(exc.status_code, {"error": exc.message})
-    if isinstance(exc, RequestTimeout):  # the rest of that body may still come: not on this connection
+    if exc.closes_connection:
         response.headers["Connection"] = "close"
     return response
 
 
-async def read_body(request: Request, limit: int) -> bytearray:
-    """The body, refused with 413 past `limit` bytes (declared or streamed) and 415 if encoded.
+async def read_body(request: Request, limit: int, seconds: float) -> bytearray:
+    """The body, refused with 413 past `limit` bytes (declared or streamed), 415 if encoded, and
+    408 when it has not all arrived within `seconds` (a stalled client must not hold its
+    connection, nor its place among the requests a forming batch waits for, for ever).
 
     Chunks are appended to one bytearray (binary tensors are then decoded from it in place, with
     no join copy). Nothing is reserved ahead of the bytes that arrived: a Content-Length is the
@@ -234,29 +236,22 @@ async def read_body(request: Request, limit: int) -> bytearray:
         if length > limit:
             raise PayloadTooLarge(f"the body is {length} bytes, more than the limit of {limit}")
     body = bytearray()
-    async for chunk in request.stream():
-        size = len(body) + len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is more than the limit of {limit} bytes")
-        if length is not None and size > length:  # the HTTP parser stops there; only a guard
-            raise InvalidInput(f"the body is longer than its Content-Length of {length}")
-        body += chunk
-    if length is not None and len(body) != length:
-        raise InvalidInput(f"the body has {len(body)} bytes but its Content-Length says {length}")
-    return body
-
-
-async def read_body_within(request: Request, limit: int, seconds: float) -> bytearray:
-    """`read_body`, answered 408 when the whole body has not arrived within `seconds`: a
-    stalled client must not hold its connection, and its place among the requests a forming
-    batch waits for, for ever."""
     try:
         async with asyncio.timeout(seconds):
-            return await read_body(request, limit)
+            async for chunk in request.stream():
+                size = len(body) + len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body is more than the limit of {limit} bytes")
+                if length is not None and size > length:  # the HTTP parser stops there; only a guard
+                    raise InvalidInput(f"the body is longer than its Content-Length of {length}")
+                body += chunk
     except TimeoutError:
         raise RequestTimeout(
             f"the request body did not arrive within the request timeout of {seconds * 1000:.0f} ms"
         ) from None
+    if length is not None and len(body) != length:
+        raise InvalidInput(f"the body has {len(body)} bytes but its Content-Length says {length}")
+    return body
 
 
 #: Not an HTTP status anyone receives: metrics count requests whose client left (nginx's 499).
@@ -358,7 +353,7 @@ def build_app(plane: DataPlane, max_body_bytes: int) -> Starlette:
                     raise InvalidInput(
                         f"Inference-Header-Content-Length {raw_length!r} is not an integer"
                     ) from None
-            body = await read_body_within(request, max_body_bytes, plane.request_timeout_s)
+            body = await read_body(request, max_body_bytes, plane.request_timeout_s)
             parsed, binary = parse_infer_request(body, header_length, plane.max_elements)
             result = answered = await unless_disconnected(
                 request.receive, plane.infer(name, version, parsed, ticket=ticket)
